@@ -1,0 +1,289 @@
+"""Class-grouped WebDataset shards: `pack` writes them, `PackedReader` reads them by class.
+
+Layout of a packed directory:
+
+    <out>/index-<split>.json                the index (see `pack`)
+    <out>/<split>-c<class:05d>-<k:05d>.tar  shards; every shard holds ONE class only
+
+Because a shard never mixes classes, a worker that owns classes {3, 150} opens exactly the
+shards listed for 3 and 150 in the index and nothing else. Samples are lossless uint8:
+`<key>.png` (default, smallest) or `<key>.npy` (fastest to decode), plus `<key>.cls`.
+
+Integrity: the index records each shard's sample count and byte size. A missing shard, a
+size mismatch (truncation), a tar that fails to parse, an undecodable sample or a count
+that disagrees with the index raises `ShardError` naming the shard and the sample key.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dream_dist.data import register_source
+from dream_dist.data.base import ImageSet
+
+FORMAT = "dream_dist.packed"
+VERSION = 1
+ENCODINGS = ("png", "npy")
+
+
+class ShardError(RuntimeError):
+    """A packed shard is missing, truncated, corrupt, or disagrees with its index."""
+
+
+def index_path(root: str | Path, split: str) -> Path:
+    return Path(root) / f"index-{split}.json"
+
+
+def checksum(data: ImageSet) -> str:
+    """sha256 of the decoded uint8 pixels and labels: identifies the source content
+    independently of its file format."""
+    h = hashlib.sha256()
+    h.update(str(tuple(data.images.shape)).encode())
+    for chunk in data.images.reshape(len(data), -1).split(8192):
+        h.update(chunk.contiguous().numpy().tobytes())
+    h.update(data.labels.numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def _encode(img: np.ndarray, encoding: str) -> bytes:
+    """uint8 (C, H, W) -> bytes."""
+    buf = io.BytesIO()
+    if encoding == "npy":
+        np.save(buf, img, allow_pickle=False)
+    else:
+        from PIL import Image
+
+        arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        # compress_level 1: 3-4x faster to write than the default, ~5 % larger files.
+        Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _decode(data: bytes, encoding: str, channels: int) -> np.ndarray:
+    if encoding == "npy":
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im, dtype=np.uint8)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    if arr.shape[0] != channels:
+        raise ValueError(f"decoded {arr.shape[0]} channels, index says {channels}")
+    return arr
+
+
+def pack(
+    data: ImageSet,
+    out: str | Path,
+    split: str,
+    source: str = "unknown",
+    encoding: str = "png",
+    max_per_shard: int = 2000,
+    mean_std: tuple[list[float], list[float]] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write `data` as class-grouped WebDataset shards plus `index-<split>.json` in `out`.
+
+    mean_std: the normalisation to record; defaults to this split's own statistics (pass
+    the train split's values when packing the test split). Returns the index.
+    """
+    import webdataset as wds
+
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; use one of {ENCODINGS}")
+    if max_per_shard < 1:
+        raise ValueError("max_per_shard must be >= 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mean, std = mean_std if mean_std is not None else data.mean_std()
+    shards: dict[str, list[dict]] = {}
+    counts = data.counts()
+    bar = tqdm(total=len(data), desc=f"pack {source}/{split}", unit="img", disable=not progress)
+    for c in range(data.num_classes):
+        imgs = data.of_class(c).numpy()
+        shards[str(c)] = []
+        for k, start in enumerate(range(0, len(imgs), max_per_shard)):
+            name = f"{split}-c{c:05d}-{k:05d}.tar"
+            tmp = out / (name + ".tmp")
+            chunk = imgs[start : start + max_per_shard]
+            with wds.TarWriter(str(tmp), encoder=False) as sink:
+                for i, img in enumerate(chunk):
+                    sink.write({
+                        "__key__": f"c{c:05d}_{start + i:08d}",
+                        encoding: _encode(img, encoding),
+                        "cls": str(c).encode(),
+                    })
+            os.replace(tmp, out / name)  # a crash never leaves a half-written shard under its name
+            shards[str(c)].append({"file": name, "count": len(chunk), "bytes": (out / name).stat().st_size})
+            bar.update(len(chunk))
+    bar.close()
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": source,
+        "split": split,
+        "source_checksum": checksum(data),
+        "classes": list(data.classes),
+        "num_classes": data.num_classes,
+        "counts": counts,
+        "image_size": data.size,
+        "channels": data.channels,
+        "encoding": encoding,
+        "mean": list(mean),
+        "std": list(std),
+        "shards": shards,
+    }
+    path = index_path(out, split)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, path)
+    return index
+
+
+class PackedReader:
+    """Reads a packed split class by class, streaming one shard at a time.
+
+    `opened` lists every shard file this reader has opened, so callers (and tests) can
+    check that a worker touched only its own classes' shards.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train"):
+        self.root = Path(root)
+        self.split = split
+        path = index_path(self.root, split)
+        if not path.exists():
+            raise FileNotFoundError(f"no index {path}: run `dream-dist task=pack` first")
+        try:
+            self.index = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{path}: index is not valid JSON ({e})") from e
+        if self.index.get("format") != FORMAT:
+            raise ShardError(f"{path}: not a dream_dist packed index")
+        self.index_file = path
+        self.opened: list[str] = []
+        for c, entries in self.index["shards"].items():
+            if sum(e["count"] for e in entries) != self.index["counts"][int(c)]:
+                raise ShardError(f"{path}: shard counts of class {c} do not add up to its count")
+
+    @property
+    def classes(self) -> list[str]:
+        return self.index["classes"]
+
+    @property
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        return self.index["mean"], self.index["std"]
+
+    def shard_files(self, classes: Iterable[int]) -> list[Path]:
+        return [self.root / e["file"] for c in classes for e in self._entries(c)]
+
+    def _entries(self, c: int) -> list[dict]:
+        if not 0 <= int(c) < self.index["num_classes"]:
+            raise ValueError(f"class {c} out of range [0, {self.index['num_classes']})")
+        return self.index["shards"][str(int(c))]
+
+    def iter_class(self, c: int) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield (key, uint8 (C, H, W)) for every sample of class `c`, shard by shard."""
+        for entry in self._entries(c):
+            yield from self._iter_shard(self.root / entry["file"], entry, int(c))
+
+    def _iter_shard(self, path: Path, entry: dict, c: int) -> Iterator[tuple[str, np.ndarray]]:
+        import webdataset as wds
+
+        if not path.exists():
+            raise ShardError(f"shard {path} listed in {self.index_file} for class {c} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ShardError(
+                f"shard {path} has {size} bytes but {self.index_file} says {entry['bytes']}: "
+                "truncated or replaced"
+            )
+        self.opened.append(str(path))
+        enc, channels = self.index["encoding"], self.index["channels"]
+        key, n = "<start of shard>", 0
+        pipe = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples())
+        try:
+            for sample in pipe:
+                key = sample["__key__"]
+                if enc not in sample or int(sample.get("cls", b"-1")) != c:
+                    raise ShardError(f"shard {path}: sample {key} lacks .{enc} or is not of class {c}")
+                try:
+                    img = _decode(sample[enc], enc, channels)
+                except Exception as e:
+                    raise ShardError(f"shard {path}: sample {key} cannot be decoded ({e})") from e
+                n += 1
+                yield key, img
+        except ShardError:
+            raise
+        except Exception as e:  # tarfile/webdataset errors on corrupt or truncated data
+            raise ShardError(f"shard {path}: corrupt after sample {key} ({type(e).__name__}: {e})") from e
+        if n != entry["count"]:
+            raise ShardError(f"shard {path}: read {n} samples after {key}, index says {entry['count']}")
+
+    def load_class(self, c: int) -> torch.Tensor:
+        """All images of class `c` as uint8 (n, C, H, W)."""
+        arrays = [img for _, img in self.iter_class(c)]
+        s, ch = self.index["image_size"], self.index["channels"]
+        if not arrays:
+            return torch.zeros(0, ch, s, s, dtype=torch.uint8)
+        return torch.from_numpy(np.stack(arrays))
+
+    def load_classes(self, classes: Iterable[int] | None = None) -> ImageSet:
+        """An ImageSet of the given classes (all when None). Labels keep the global class
+        ids and `classes` keeps the full name list, so shards from different workers agree."""
+        classes = range(self.index["num_classes"]) if classes is None else list(classes)
+        xs, ys = [], []
+        for c in classes:
+            x = self.load_class(c)
+            xs.append(x)
+            ys.append(torch.full((len(x),), int(c), dtype=torch.int64))
+        s, ch = self.index["image_size"], self.index["channels"]
+        images = torch.cat(xs) if xs else torch.zeros(0, ch, s, s, dtype=torch.uint8)
+        labels = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.int64)
+        return ImageSet(images, labels, list(self.classes))
+
+
+class ClassCache:
+    """Decoded uint8 images per class, kept within a memory budget (LRU).
+
+    A class that does not fit is not cached: it is streamed from its shards again on the
+    next request, so an over-budget worker gets slower instead of failing.
+    """
+
+    def __init__(self, reader: PackedReader, budget_bytes: int):
+        self.reader = reader
+        self.budget = int(budget_bytes)
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.used = 0
+        self.reads = 0  # shard passes, for diagnostics
+
+    def get(self, c: int) -> torch.Tensor:
+        c = int(c)
+        if c in self._cache:
+            self._cache.move_to_end(c)
+            return self._cache[c]
+        x = self.reader.load_class(c)
+        self.reads += 1
+        size = x.numel()
+        if size <= self.budget:
+            while self.used + size > self.budget and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self.used -= old.numel()
+            self._cache[c] = x
+            self.used += size
+        return x
+
+
+@register_source("packed")
+def load_packed(root: Path, split: str, classes: list[int] | None = None) -> ImageSet:
+    if root is None:
+        raise ValueError("dataset 'packed' needs root=<directory written by pack>")
+    return PackedReader(root, split).load_classes(classes)

@@ -1,0 +1,71 @@
+"""Shared test fixtures.
+
+The real datasets are found through ONE setting: the environment variable
+DREAM_DIST_DATA (default: ../shared/data relative to the repository root). Tests that need
+a dataset that is absent skip with the reason, except under CI=true, where a missing
+dataset is a failure.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_ROOT = Path(os.environ.get("DREAM_DIST_DATA", REPO.parent / "shared" / "data"))
+
+
+def need_dataset(name: str) -> Path:
+    """Path of shared dataset `name`, or skip (fail under CI=true) when it is missing."""
+    path = DATA_ROOT / name
+    if not path.exists():
+        msg = f"dataset {name!r} not found at {path} (set DREAM_DIST_DATA)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    return need_dataset("mnist")
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    return need_dataset("fashion_mnist")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return need_dataset("tiny-imagenet-200-sub100")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's 8x8 digits as (train, test) ImageSets, upsampled to 28 px."""
+    from dream_dist.data import load_dataset
+
+    return load_dataset("digits", split="train"), load_dataset("digits", split="test")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA, which is absent")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
