@@ -1,0 +1,142 @@
+"""Typed run configuration, validated before any compute starts.
+
+Hydra composes YAML from `conf/`; `build(RunConfig, mapping)` turns the composed mapping
+into these dataclasses. Unknown keys and bad values raise `ConfigError` with the offending
+path, so a typo such as `coreset.ipcs=10` fails at once instead of after an hour.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from dream_dist.evaluate import EvalConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    """Source name: digits, mnist, fashion_mnist, cifar10, cifar100, imagefolder, tinyimagenet."""
+    root: str | None = None
+    """Directory of the source; None = $DREAM_DIST_DATA/<default dir> (digits needs none)."""
+    packed: str | None = None
+    """Directory of packed shards to read (written by task=pack); None = read the source."""
+    classes: list[int] | None = None
+    """Restrict to these class ids (None = all)."""
+
+    def __post_init__(self) -> None:
+        from dream_dist.data import SOURCES, _register_builtin
+
+        _register_builtin()
+        if self.name not in SOURCES:
+            raise ConfigError(f"dataset.name: unknown dataset {self.name!r}; known: {', '.join(sorted(SOURCES))}")
+
+
+@dataclass
+class PackConfig:
+    out: str | None = None
+    """Where the shards and index files go; None = outputs/packed/<dataset.name>."""
+    encoding: str = "png"
+    """Sample encoding: png (smaller) or npy (faster to write)."""
+    max_per_shard: int = 2000
+    """Samples per tar shard; each shard holds one class."""
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ("png", "npy"):
+            raise ConfigError(f"pack.encoding must be png or npy, got {self.encoding!r}")
+        if self.max_per_shard < 1:
+            raise ConfigError("pack.max_per_shard must be >= 1")
+
+
+@dataclass
+class CoresetConfig:
+    methods: list[str] = field(default_factory=lambda: ["random", "herding", "kcenter"])
+    """Coreset selections to build and evaluate."""
+    ipc: int = 10
+    """Images per class."""
+    feature_model: str = "convnet"
+    """Network whose embedding herding and k-center work in (trained on real data first)."""
+    feature_width: int | None = None
+    """Width of that network (None = the model's default)."""
+    feature_epochs: int = 1
+    """Epochs of training of the feature network on real data."""
+    feature_max_images: int | None = 10000
+    """Class-balanced subsample used to train the feature network (None = all)."""
+
+    def __post_init__(self) -> None:
+        from dream_dist.coreset import METHODS
+
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"coreset.methods: unknown {bad}; known: {sorted(METHODS)}")
+        if self.ipc < 1:
+            raise ConfigError(f"coreset.ipc must be >= 1, got {self.ipc}")
+        if self.feature_epochs < 0:
+            raise ConfigError("coreset.feature_epochs must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    task: str = "coreset"
+    """What to run: pack, coreset."""
+    seed: int = 0
+    """Seed of everything random in the run."""
+    out_dir: str | None = None
+    """Run directory (results JSON, TensorBoard logs in tb/, images); None = outputs/<task>/<dataset.name>."""
+    device: str = "cpu"
+    """torch device for the compute (cpu, cuda, cuda:1 ...)."""
+    threads: int | None = None
+    """torch intra-op threads (None = torch's default)."""
+    progress: bool = True
+    """Show progress bars."""
+    dataset: DataConfig = field(default_factory=DataConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    coreset: CoresetConfig = field(default_factory=CoresetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task: unknown {self.task!r}; known: {', '.join(TASKS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads must be >= 1")
+        if self.out_dir is None:
+            self.out_dir = f"outputs/{self.task}/{self.dataset.name}"
+        if self.pack.out is None:
+            self.pack.out = f"outputs/packed/{self.dataset.name}"
+
+
+TASKS = ("pack", "coreset")
+
+
+def build(cls: type, values: Mapping[str, Any] | None, path: str = "") -> Any:
+    """Construct dataclass `cls` from a (possibly nested) mapping, rejecting unknown keys."""
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"{path or cls.__name__}: unknown key(s) {unknown}; allowed: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            value = build(hint, value, f"{path}{name}.")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(path) else f"{path}{msg}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

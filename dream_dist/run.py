@@ -1,0 +1,164 @@
+"""dream_dist's one entry point: Hydra overrides in, a task run out.
+
+    python -m dream_dist.run                       # default: the embedded digits dataset
+    dream-dist task=pack dataset=mnist             # class-grouped WebDataset shards
+    dream-dist task=coreset dataset=fashion_mnist coreset.ipc=1 eval=protocol
+    python dream_dist/run.py ...                   # as a plain script (ray submit / job submit)
+
+The config is composed from conf/ (the repository's, or the copy installed inside the
+package), turned into typed dataclasses and validated before any compute starts.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def conf_dir() -> Path:
+    """conf/ of the checkout when run from one, else the copy installed as dream_dist.conf."""
+    here = Path(__file__).resolve().parent
+    repo_conf = here.parent / "conf"
+    if (repo_conf / "config.yaml").exists():
+        return repo_conf
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("dream_dist.conf")))
+
+
+def compose(overrides: list[str] | None = None):
+    """Compose conf/config.yaml with `overrides` into a validated RunConfig."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dream_dist.config import RunConfig, build
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return build(RunConfig, OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+
+
+# ---------------------------------------------------------------------------- tasks
+
+
+def ensure_packed(cfg) -> Path:
+    """Packed shards of cfg.dataset: the given `dataset.packed`, or packed now into pack.out
+    (reused when an index from the same source content is already there)."""
+    from dream_dist.data import load_dataset
+    from dream_dist.data.shards import checksum, index_path, pack
+
+    if cfg.dataset.packed is not None:
+        return Path(cfg.dataset.packed)
+    out = Path(cfg.pack.out)
+    train = load_dataset(cfg.dataset.name, "train", root=cfg.dataset.root)
+    test = load_dataset(cfg.dataset.name, "test", root=cfg.dataset.root)
+    stats = train.mean_std()
+    for split, data in (("train", train), ("test", test)):
+        idx = index_path(out, split)
+        if idx.exists() and json.loads(idx.read_text()).get("source_checksum") == checksum(data):
+            continue
+        pack(data, out, split, source=cfg.dataset.name, encoding=cfg.pack.encoding,
+             max_per_shard=cfg.pack.max_per_shard, mean_std=stats, progress=cfg.progress)
+    return out
+
+
+def run_pack(cfg) -> dict:
+    out = ensure_packed(cfg)
+    info = {s: json.loads((out / f"index-{s}.json").read_text()) for s in ("train", "test")}
+    for s, idx in info.items():
+        print(f"{s}: {sum(idx['counts'])} images, {idx['num_classes']} classes, "
+              f"{sum(len(v) for v in idx['shards'].values())} shards -> {out}/index-{s}.json")
+    return {"packed": str(out)}
+
+
+def load_packed_splits(cfg):
+    """(train, test, mean, std) read from the packed shards."""
+    from dream_dist.data.shards import PackedReader
+
+    root = ensure_packed(cfg)
+    train_r, test_r = PackedReader(root, "train"), PackedReader(root, "test")
+    train = train_r.load_classes(cfg.dataset.classes)
+    test = test_r.load_classes(cfg.dataset.classes)
+    mean, std = train_r.mean_std
+    return train, test, mean, std
+
+
+def run_coreset(cfg) -> dict:
+    """Random / herding / k-center coresets, each measured with the evaluation protocol."""
+    from dream_dist.coreset import build_coreset, extract_features, train_feature_net
+    from dream_dist.data import normalize
+    from dream_dist.evaluate import evaluate
+    from dream_dist.published import published
+    from dream_dist.viz import save_grid
+
+    out = Path(cfg.out_dir)
+    train, test, mean, std = load_packed_splits(cfg)
+    features = None
+    if any(m != "random" for m in cfg.coreset.methods):
+        net = train_feature_net(
+            train, mean, std, model=cfg.coreset.feature_model, width=cfg.coreset.feature_width,
+            epochs=cfg.coreset.feature_epochs, max_images=cfg.coreset.feature_max_images,
+            seed=cfg.seed, progress=cfg.progress, device=cfg.device,
+        )
+        features = extract_features(net, train.images, mean, std)
+    rows = []
+    for method in cfg.coreset.methods:
+        core = build_coreset(method, train, cfg.coreset.ipc, seed=cfg.seed, features=features)
+        save_grid(core.images, out / f"{method}_ipc{cfg.coreset.ipc}.png", nrow=cfg.coreset.ipc)
+        res = evaluate(normalize(core.images, mean, std), core.labels, test, mean, std, cfg.eval,
+                       log_dir=out, name=f"{method}_ipc{cfg.coreset.ipc}", progress=cfg.progress)
+        rows.append({"method": method, "ipc": cfg.coreset.ipc, **res.to_dict(),
+                     "published": published(cfg.dataset.name, method, cfg.coreset.ipc)})
+    print_table(rows, f"{cfg.dataset.name}: coresets, {cfg.eval.model}, "
+                      f"{cfg.eval.epochs} epochs x {cfg.eval.runs} runs (last epoch)")
+    summary = {"dataset": cfg.dataset.name, "rows": rows}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    print(f"results: {out / 'results.json'}   grids: {out}/*.png   TensorBoard: tensorboard --logdir {out / 'tb'}")
+    return summary
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'method':<12}{'IPC':>5}  {'accuracy %':>16}  {'published':>9}  {'time s':>7}")
+    for r in rows:
+        pub = f"{r['published']:.1f}" if r.get("published") is not None else "-"
+        acc = f"{r['mean']:.2f} ± {r['std']:.2f}"
+        print(f"{r['method']:<12}{r['ipc']:>5}  {acc:>16}  {pub:>9}  {r['seconds']:>7.0f}")
+    print()
+
+
+TASKS = {"pack": run_pack, "coreset": run_coreset}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("config groups and defaults: see", conf_dir())
+        return {}
+    from dream_dist.config import ConfigError
+
+    try:
+        cfg = compose(argv)
+    except ConfigError as e:
+        raise SystemExit(f"dream-dist: bad config: {e}") from None
+    except Exception as e:  # Hydra's own override/composition errors
+        if type(e).__module__.startswith(("hydra", "omegaconf")):
+            raise SystemExit(f"dream-dist: bad config: {e}") from None
+        raise
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = TASKS[cfg.task](cfg)
+    print(f"[{cfg.task}] done in {time.perf_counter() - start:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
