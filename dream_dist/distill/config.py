@@ -1,0 +1,210 @@
+"""DistillConfig: the switches of a distillation run, and the named presets.
+
+Every method is a composition of four independent switches, so the DREAM+ paper's
+ablation (Table III) is a matter of flipping one:
+
+    base       dc | dsa | dm | idc   what is matched and how the network is trained
+    selection  random | representative            how the real batch is chosen
+    loss       gradient | feature | bidirectional  what is matched
+    init       real | noise | cluster             how synthetic images start
+
+Presets (`PRESETS`) hold the paper settings; `CPU_SCHEDULES` lowers only the iteration
+counts (and nothing else) for CPU runs, and says so in the run's config.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from dream_dist.distill.matching import DISTANCES, LOSSES
+
+BASES = ("dc", "dsa", "dm", "idc")
+SELECTIONS = ("random", "representative")
+INITS = ("real", "noise", "cluster")
+NET_UPDATES = ("real", "syn", "none")
+
+
+@dataclass
+class DistillConfig:
+    """One distillation run. Defaults: DREAM+ over IDC, the paper's MNIST/CIFAR settings."""
+
+    base: str = "idc"
+    """dc | dsa | dm | idc (see module docstring)."""
+    selection: str = "representative"
+    """random: a uniform real batch per class; representative: samples nearest k-means centres."""
+    loss: str = "bidirectional"
+    """gradient | feature | bidirectional (λ_g·grad + λ_f·feature from one forward pass)."""
+    init: str = "cluster"
+    """real (random real images), noise, or cluster (k-means medoids after 1 epoch of training)."""
+    ipc: int = 10
+    """Stored synthetic images per class."""
+    factor: int | None = None
+    """Multi-formation factor f (IDC: 2, 3 for ImageNet); None = 2 for idc, 1 otherwise."""
+    metric: str | None = None
+    """Matching distance cos | mse | l1; None = cos for dc/dsa, mse for dm, and for idc l1 on
+    (Fashion)MNIST and mse elsewhere (the IDC code's choice)."""
+    include_fc: bool | None = None
+    """Match the classifier's weight gradients too; None = True for dc/dsa (DC code), False
+    otherwise (IDC/DREAM skip FC, bias and norm gradients)."""
+    iterations: int = 1200
+    """Outer iterations; the network is re-initialised at each."""
+    inner_steps: int = 100
+    """Matching steps per outer iteration (IDC: 100; DC: its outer loop 1/10/50; DM: 1)."""
+    net_update: str | None = None
+    """Network training between matching steps: real (IDC), syn (DC/DSA) or none (DM);
+    None = the base's own."""
+    net_steps: int | None = None
+    """Network SGD steps after each matching step; None = ceil(net_images / net_batch) for
+    real, the DC inner loop (1/50/10 by IPC) for syn."""
+    net_images: int = 500
+    """Real images the network trains on after each matching step (IDC's n_data)."""
+    net_batch: int = 128
+    """Mini-batch of the network's training steps (DC trains on syn with 256)."""
+    lr_img: float | None = None
+    """Synthetic-image SGD lr; None = 5e-3 (mse) / 1e-4 (l1) for idc, 0.1 for dc/dsa, 1 for dm."""
+    momentum_img: float = 0.5
+    """Synthetic-image SGD momentum."""
+    lr_net: float = 0.01
+    """Network SGD lr (momentum 0.9, weight decay 5e-4)."""
+    batch_real: int | None = None
+    """Real images per class per matching step; None = 128 for idc, 256 for dc/dsa/dm."""
+    tau: int = 10
+    """Re-cluster every tau matching steps (representative selection)."""
+    samples_per_cluster: int = 1
+    """Real samples taken nearest each centre; k = batch_real / samples_per_cluster."""
+    cluster_pool: int | None = None
+    """Cluster a random pool of this many images per class instead of the whole class (much
+    cheaper on CPU); None = the whole class."""
+    kmeans_iters: int = 20
+    """Lloyd iterations of each FAISS k-means."""
+    lambda_grad: float = 1.0
+    """Weight of the gradient term in bidirectional matching."""
+    lambda_feat: float = 1.0
+    """Weight of the feature term in bidirectional matching."""
+    dsa: bool | None = None
+    """Siamese DSA augmentation of each matching step's real and synthetic batches;
+    None = True for dsa/idc/dm, False for dc."""
+    init_epochs: int = 1
+    """Epochs of real-data training of the network before cluster init."""
+    init_images: int | None = None
+    """Train the cluster-init network on a class-balanced subsample of this size (None = all)."""
+    model: str = "convnet"
+    """Network (dream_dist.models); ConvNet-3 for 28/32 px, ConvNet-4 for 64 px."""
+    width: int | None = None
+    """Network width; None = the model's default (128)."""
+    feature_batch: int = 1024
+    """Batch size of no-grad feature extraction (memory bound of clustering)."""
+
+    def __post_init__(self) -> None:
+        def check(name: str, value: Any, allowed: tuple) -> None:
+            if value not in allowed:
+                raise ValueError(f"distill.{name}: unknown {value!r}; choose one of {', '.join(allowed)}")
+
+        check("base", self.base, BASES)
+        check("selection", self.selection, SELECTIONS)
+        check("loss", self.loss, LOSSES)
+        check("init", self.init, INITS)
+        if self.metric is not None:
+            check("metric", self.metric, DISTANCES)
+        if self.net_update is not None:
+            check("net_update", self.net_update, NET_UPDATES)
+        for name in ("ipc", "iterations", "inner_steps", "net_images", "net_batch", "tau",
+                     "samples_per_cluster", "kmeans_iters", "feature_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"distill.{name} must be a positive integer, got {value!r}")
+        for name in ("factor", "net_steps", "batch_real", "cluster_pool", "init_images", "width"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"distill.{name} must be a positive integer or null, got {value!r}")
+        if self.init_epochs < 0:
+            raise ValueError("distill.init_epochs must be >= 0")
+        for name in ("lambda_grad", "lambda_feat", "lr_net"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"distill.{name} must be >= 0")
+        if self.lr_img is not None and self.lr_img <= 0:
+            raise ValueError("distill.lr_img must be > 0")
+        if self.selection == "representative" and self.batch_real is not None and \
+                self.batch_real % self.samples_per_cluster:
+            raise ValueError(
+                f"distill.batch_real ({self.batch_real}) must be a multiple of samples_per_cluster "
+                f"({self.samples_per_cluster}): k = batch_real / samples_per_cluster"
+            )
+        if self.cluster_pool is not None and self.batch_real is not None and \
+                self.cluster_pool < self.batch_real:
+            raise ValueError(f"distill.cluster_pool ({self.cluster_pool}) must be >= batch_real ({self.batch_real})")
+
+    # ---- resolved values: the base's defaults, filled in once the dataset is known ----
+
+    def resolved(self, dataset: str) -> "DistillConfig":
+        """A copy with every None replaced by the base's default for `dataset`."""
+        r = dataclasses.replace(self)
+        idc, dc_like = r.base == "idc", r.base in ("dc", "dsa")
+        if r.factor is None:
+            r.factor = 2 if idc else 1
+        if r.metric is None:
+            if dc_like:
+                r.metric = "cos"
+            elif r.base == "dm":
+                r.metric = "mse"
+            else:
+                r.metric = "l1" if dataset in ("mnist", "fashion_mnist") else "mse"
+        if r.include_fc is None:
+            r.include_fc = dc_like
+        if r.net_update is None:
+            r.net_update = {"idc": "real", "dc": "syn", "dsa": "syn", "dm": "none"}[r.base]
+        if r.net_steps is None:
+            if r.net_update == "real":
+                r.net_steps = -(-r.net_images // r.net_batch)
+            elif r.net_update == "syn":
+                r.net_steps = {1: 1, 10: 50, 50: 10}.get(r.ipc, 10)
+            else:
+                r.net_steps = 0
+        if r.lr_img is None:
+            r.lr_img = {"idc": 5e-3 if r.metric != "l1" else 1e-4, "dc": 0.1, "dsa": 0.1, "dm": 1.0}[r.base]
+        if r.batch_real is None:
+            r.batch_real = 128 if idc else 256
+        if r.dsa is None:
+            r.dsa = r.base != "dc"
+        if r.selection == "representative" and r.batch_real % r.samples_per_cluster:
+            raise ValueError(f"distill.batch_real ({r.batch_real}) must be a multiple of "
+                             f"samples_per_cluster ({r.samples_per_cluster})")
+        return r
+
+    @property
+    def clusters(self) -> int:
+        """k of the representative selection's k-means."""
+        return (self.batch_real or 128) // self.samples_per_cluster
+
+
+# DC/DSA loops by IPC (outer matching steps per iteration); DESIGN.md §3.
+DC_OUTER = {1: 1, 10: 10, 50: 50}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # DREAM+ = IDC + representative selection + bidirectional matching + cluster init.
+    "dream_plus": dict(base="idc", selection="representative", loss="bidirectional", init="cluster"),
+    "dream": dict(base="idc", selection="representative", loss="gradient", init="real"),
+    "idc": dict(base="idc", selection="random", loss="gradient", init="real"),
+    "dc": dict(base="dc", selection="random", loss="gradient", init="real", iterations=1000),
+    "dsa": dict(base="dsa", selection="random", loss="gradient", init="real", iterations=1000),
+    "dm": dict(base="dm", selection="random", loss="feature", init="real", iterations=20000, inner_steps=1),
+    # DREAM+ on the other bases.
+    "dream_plus_dc": dict(base="dc", selection="representative", loss="bidirectional", init="cluster", iterations=1000),
+    "dream_plus_dsa": dict(base="dsa", selection="representative", loss="bidirectional", init="cluster", iterations=1000),
+    "dream_plus_dm": dict(base="dm", selection="representative", loss="bidirectional", init="cluster",
+                          iterations=20000, inner_steps=1),
+    # Table III ablations over IDC: one switch each.
+    "idc_representative": dict(base="idc", selection="representative", loss="gradient", init="real"),
+    "idc_bidirectional": dict(base="idc", selection="random", loss="bidirectional", init="real"),
+    "idc_cluster_init": dict(base="idc", selection="random", loss="gradient", init="cluster"),
+}
+
+
+def preset(name: str, **overrides: Any) -> DistillConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[name])
+    if values["base"] in ("dc", "dsa") and "inner_steps" not in overrides:
+        values["inner_steps"] = DC_OUTER.get(overrides.get("ipc", 10), 10)
+    return DistillConfig(**{**values, **overrides})

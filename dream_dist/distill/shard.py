@@ -1,0 +1,244 @@
+"""ClassShard: everything per-class of a distillation run, for the classes one worker owns.
+
+Per class c the shard holds: access to c's real uint8 images, c's synthetic images and
+their optimizer, and c's selection state (the representative batch). Per-class work —
+clustering, batch selection, the matching loss and the image update — needs nothing from
+other classes. The network's own training is cross-class; a shard contributes the gradient
+of ITS classes' share of each global batch (`real_grad`, `syn_grad`), and the caller sums
+those over shards (in one process, or with torch.distributed across workers).
+
+All randomness comes from `dream_dist.seeding` streams keyed by (seed, purpose, iteration,
+step, class), so the result does not depend on how classes are split into shards.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Mapping, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dream_dist import kmeans
+from dream_dist.augment import DSA
+from dream_dist.coreset import extract_features
+from dream_dist.data.base import normalize
+from dream_dist.distill.config import DistillConfig
+from dream_dist.distill.matching import match_loss
+from dream_dist.formation import decode, tile
+from dream_dist.seeding import (CLUSTER, DSA_DRAW, NET_AUG, NET_BATCH, POOL, REAL_BATCH,
+                                SYN_INIT, derive_seed, generator)
+
+
+class RealImages(Protocol):
+    """Real uint8 images of a class: a dict {c: tensor} or a `ClassCache`."""
+
+    def get(self, c: int) -> Tensor: ...
+
+
+class ClassShard:
+    def __init__(
+        self,
+        classes: list[int],
+        real: RealImages | Mapping[int, Tensor],
+        cfg: DistillConfig,
+        mean: list[float],
+        std: list[float],
+        num_classes: int,
+        seed: int = 0,
+        device: str = "cpu",
+    ):
+        if cfg.factor is None or cfg.metric is None:
+            raise ValueError("ClassShard needs a resolved DistillConfig (cfg.resolved(dataset))")
+        self.classes = [int(c) for c in classes]
+        self.real = real
+        self.cfg = cfg
+        self.mean, self.std = mean, std
+        self.num_classes = num_classes
+        self.seed = seed
+        self.device = torch.device(device)
+        self.dsa = DSA() if cfg.dsa else None
+        self.syn: dict[int, Tensor] = {}
+        self.opt: dict[int, torch.optim.Optimizer] = {}
+        self.selected: dict[int, Tensor] = {}
+        self.counts = {c: len(self.real.get(c)) for c in self.classes}
+
+    # ------------------------------------------------------------------ synthetic set
+
+    def init_synthetic(self, net: nn.Module | None = None) -> dict[str, float]:
+        """Initialise every class's IPC stored images (each an f×f tile of real images under
+        multi-formation): random real images, noise, or k-means medoids of `net`'s features."""
+        cfg, f = self.cfg, self.cfg.factor
+        n = cfg.ipc * f * f
+        t0 = time.perf_counter()
+        for c in self.classes:
+            real = self.real.get(c)
+            g = generator(self.seed, SYN_INIT, c)
+            if cfg.init == "noise":
+                shape = (cfg.ipc, *real.shape[1:])
+                img = torch.randn(shape, generator=g)
+            else:
+                if n > len(real):
+                    raise ValueError(f"class {c}: ipc·f² = {n} exceeds its {len(real)} images")
+                if cfg.init == "cluster":
+                    if net is None:
+                        raise ValueError("cluster init needs the trained network")
+                    pool = self._pool(c, 0, -1)
+                    feats = extract_features(net, real[pool], self.mean, self.std, cfg.feature_batch)
+                    idx = pool[torch.from_numpy(
+                        kmeans.medoids(feats, n, niter=cfg.kmeans_iters, seed=derive_seed(self.seed, SYN_INIT, c) % 2**31))]
+                else:
+                    idx = torch.randperm(len(real), generator=g)[:n]
+                img = tile(normalize(real[idx], self.mean, self.std), f)
+            self.syn[c] = img.to(self.device).requires_grad_(True)
+            self.opt[c] = torch.optim.SGD([self.syn[c]], lr=cfg.lr_img, momentum=cfg.momentum_img)
+        return {"time/init_syn": time.perf_counter() - t0}
+
+    def synthetic(self) -> tuple[Tensor, Tensor]:
+        """(stored images (n·IPC, C, H, W), labels) of this shard, class-major."""
+        imgs = torch.cat([self.syn[c].detach().cpu() for c in self.classes])
+        labels = torch.tensor(self.classes).repeat_interleave(self.cfg.ipc)
+        return imgs, labels
+
+    # ------------------------------------------------------------------ selection
+
+    def _pool(self, c: int, it: int, step: int) -> Tensor:
+        """Indices clustered for class c: the whole class, or a seeded random pool."""
+        n, pool = self.counts[c], self.cfg.cluster_pool
+        if pool is None or pool >= n:
+            return torch.arange(n)
+        return torch.randperm(n, generator=generator(self.seed, POOL, it, step, c))[:pool].sort().values
+
+    @torch.no_grad()
+    def recluster(self, net: nn.Module, it: int, step: int) -> dict[str, float]:
+        """DREAM's representative selection: k-means on the current network's features of each
+        class, keeping the sample(s) nearest each centre as that class's real batch until the
+        next re-clustering. Also measures the (linear-kernel) MMD of the selected batch and of
+        a random batch of the same size to the whole pool, the paper's Fig. 2b."""
+        cfg = self.cfg
+        t_feat = t_km = 0.0
+        mmd_sel, mmd_rand = [], []
+        for c in self.classes:
+            t0 = time.perf_counter()
+            pool = self._pool(c, it, step)
+            feats = extract_features(net, self.real.get(c)[pool], self.mean, self.std, cfg.feature_batch)
+            t1 = time.perf_counter()
+            k = cfg.batch_real // cfg.samples_per_cluster
+            if k * cfg.samples_per_cluster > len(pool):
+                raise ValueError(f"class {c}: {k} clusters x {cfg.samples_per_cluster} samples "
+                                 f"exceed its {len(pool)} clustered images")
+            cent, _ = kmeans.kmeans(feats, k, niter=cfg.kmeans_iters,
+                                    seed=derive_seed(self.seed, CLUSTER, it, step, c) % 2**31)
+            picks = torch.from_numpy(kmeans.nearest_distinct(feats, cent, cfg.samples_per_cluster))
+            self.selected[c] = pool[picks]
+            t_km += time.perf_counter() - t1
+            t_feat += t1 - t0
+            mu = feats.mean(0)
+            mmd_sel.append(float((feats[picks].mean(0) - mu).pow(2).sum()))
+            rnd = torch.randperm(len(pool), generator=generator(self.seed, REAL_BATCH, it, step, c, 1))[: len(picks)]
+            mmd_rand.append(float((feats[rnd].mean(0) - mu).pow(2).sum()))
+        n = len(self.classes)
+        return {"time/cluster_features": t_feat, "time/kmeans": t_km,
+                "mmd/selected": sum(mmd_sel) / n, "mmd/random": sum(mmd_rand) / n}
+
+    def real_batch(self, c: int, it: int, step: int) -> Tensor:
+        """Indices of class c's real batch for this matching step."""
+        if self.cfg.selection == "representative":
+            return self.selected[c]
+        n = self.counts[c]
+        b = min(self.cfg.batch_real, n)
+        return torch.randperm(n, generator=generator(self.seed, REAL_BATCH, it, step, c))[:b]
+
+    # ------------------------------------------------------------------ matching
+
+    def match_step(self, net: nn.Module, it: int, step: int) -> dict[str, float]:
+        """One image update per class owned. Returns summed loss parts and timings."""
+        cfg = self.cfg
+        out: dict[str, float] = {}
+        if cfg.selection == "representative" and (step % cfg.tau == 0 or not self.selected):
+            out.update(self.recluster(net, it, step))
+        t0 = time.perf_counter()
+        for c in self.classes:
+            idx = self.real_batch(c, it, step)
+            real = normalize(self.real.get(c)[idx].to(self.device), self.mean, self.std)
+            syn = decode(self.syn[c], cfg.factor)
+            if self.dsa is not None:
+                # Siamese: one draw, applied to both batches.
+                p = self.dsa.sample(1, real.shape[-1], device=self.device,
+                                    generator=generator(self.seed, DSA_DRAW, it, step, c))
+                real, syn = self.dsa.apply(real, p), self.dsa.apply(syn, p)
+            y_real = torch.full((len(real),), c, device=self.device)
+            y_syn = torch.full((len(syn),), c, device=self.device)
+            loss, parts = match_loss(net, real, y_real, syn, y_syn, cfg.loss, cfg.metric,
+                                     cfg.lambda_grad, cfg.lambda_feat, cfg.include_fc)
+            # autograd.grad, not backward: the network's .grad must stay untouched.
+            (g,) = torch.autograd.grad(loss, [self.syn[c]])
+            self.syn[c].grad = g
+            self.opt[c].step()
+            out["loss/total"] = out.get("loss/total", 0.0) + float(loss.detach())
+            for k, v in parts.items():
+                out[f"loss/{k}"] = out.get(f"loss/{k}", 0.0) + v
+        out["time/match"] = time.perf_counter() - t0
+        return out
+
+    # ------------------------------------------------------------------ network training
+
+    def real_grad(self, net: nn.Module, class_counts: list[int], batch: int, keys: tuple[int, ...],
+                  collect: Callable[[], None]) -> float:
+        """Accumulate into net's .grad this shard's share of the gradient of one global real
+        mini-batch of `batch` images (mean cross entropy over the whole batch).
+
+        The global batch's class composition is drawn from `class_counts` (all classes) with
+        a stream every shard shares, so each shard knows its share without communication.
+        `collect()` is called after each class's backward (see engine.GradAccumulator)."""
+        g = generator(self.seed, NET_BATCH, *keys)
+        counts = torch.tensor(class_counts, dtype=torch.float)
+        per_class = torch.bincount(torch.multinomial(counts, batch, replacement=True, generator=g),
+                                   minlength=len(class_counts))
+        total = 0.0
+        for c in self.classes:
+            m = int(per_class[c])
+            if m == 0:
+                continue
+            idx = torch.randint(self.counts[c], (m,), generator=generator(self.seed, NET_BATCH, *keys, c))
+            x = normalize(self.real.get(c)[idx].to(self.device), self.mean, self.std)
+            if self.dsa is not None:
+                x = self.dsa(x, generator=generator(self.seed, NET_AUG, *keys, c))
+            y = torch.full((m,), c, device=self.device)
+            loss = F.cross_entropy(net(x), y, reduction="sum") / batch
+            loss.backward()
+            collect()
+            total += float(loss.detach())
+        return total
+
+    def syn_grad(self, net: nn.Module, total_images: int, keys: tuple[int, ...],
+                 collect: Callable[[], None]) -> float:
+        """This shard's share of one full-batch step on the (decoded) synthetic set (DC/DSA
+        train the network on synthetic data between matching steps)."""
+        total = 0.0
+        for c in self.classes:
+            x = decode(self.syn[c].detach(), self.cfg.factor)
+            if self.dsa is not None:
+                x = self.dsa(x, generator=generator(self.seed, NET_AUG, *keys, c))
+            y = torch.full((len(x),), c, device=self.device)
+            loss = F.cross_entropy(net(x), y, reduction="sum") / total_images
+            loss.backward()
+            collect()
+            total += float(loss.detach())
+        return total
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Per-class state, keyed by class, so a run can resume with a different sharding."""
+        return {c: {"syn": self.syn[c].detach().cpu().clone(), "opt": self.opt[c].state_dict(),
+                    "selected": self.selected.get(c)} for c in self.classes}
+
+    def load_state_dict(self, state: Mapping[int, dict]) -> None:
+        for c in self.classes:
+            s = state[c]
+            self.syn[c] = s["syn"].to(self.device).requires_grad_(True)
+            self.opt[c] = torch.optim.SGD([self.syn[c]], lr=self.cfg.lr_img, momentum=self.cfg.momentum_img)
+            self.opt[c].load_state_dict(s["opt"])
+            if s.get("selected") is not None:
+                self.selected[c] = s["selected"]

@@ -1,0 +1,80 @@
+"""IDC multi-formation: store IPC images, train on IPC·f² decoded ones.
+
+Each stored H×W image is an f×f mosaic of parts; `decode` cuts the parts out (row-major)
+and upsamples each back to H×W, so the same pixel budget yields f² training images (IDC,
+Kim et al. 2022). `tile` is the inverse layout, used to pack f² chosen real images (e.g.
+cluster medoids) into one stored image at initialisation.
+
+    stored = tile(medoids, factor=2)          # (IPC·4, C, H, W) -> (IPC, C, H, W)
+    train_x = decode(stored, factor=2)        # (IPC, C, H, W) -> (IPC·4, C, H, W)
+    train_y = decode_labels(labels, factor=2)
+
+Image i's parts are the consecutive rows i·f² … i·f² + f² − 1 of the decoded batch, which
+is why labels are repeated with `repeat_interleave`.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check(images: Tensor, factor: int, what: str) -> None:
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise ValueError(f"factor must be a positive int, got {factor!r}")
+    if images.dim() != 4:
+        raise ValueError(f"{what} expects images (N, C, H, W), got shape {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    if h % factor or w % factor:
+        # IDC's code pads such images with 0.5; we refuse instead so a part never holds
+        # padding that the loss would then learn to reproduce.
+        raise ValueError(
+            f"{what}: image size {h}x{w} is not divisible by factor {factor}; choose a factor "
+            f"that divides both sides"
+        )
+
+
+def decode(images: Tensor, factor: int) -> Tensor:
+    """(N, C, H, W) stored images -> (N·f², C, H, W): each f×f part upsampled to H×W.
+
+    Parts are in row-major order within each image; factor 1 returns `images` itself.
+    Differentiable w.r.t. `images`.
+    """
+    _check(images, factor, "decode")
+    if factor == 1:
+        return images
+    n, c, h, w = images.shape
+    ph, pw = h // factor, w // factor
+    parts = (
+        images.reshape(n, c, factor, ph, factor, pw)
+        .permute(0, 2, 4, 1, 3, 5)  # (N, row, col, C, ph, pw): row-major parts per image
+        .reshape(n * factor * factor, c, ph, pw)
+    )
+    return F.interpolate(parts, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def decode_labels(labels: Tensor, factor: int) -> Tensor:
+    """Labels of `decode(images, factor)`: each row repeated f² times; (N,) or (N, K)."""
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise ValueError(f"factor must be a positive int, got {factor!r}")
+    return labels.repeat_interleave(factor * factor, dim=0)
+
+
+def tile(images: Tensor, factor: int) -> Tensor:
+    """(N·f², C, H, W) -> (N, C, H, W): each group of f² consecutive images, downsampled to
+    (H/f, W/f), laid out f×f row-major in one image — the layout `decode` reads back."""
+    _check(images, factor, "tile")
+    if factor == 1:
+        return images
+    m, c, h, w = images.shape
+    k = factor * factor
+    if m % k:
+        raise ValueError(f"tile: got {m} images, not a multiple of factor² = {k}")
+    ph, pw = h // factor, w // factor
+    # antialias: plain bilinear downsampling aliases fine texture; this is a one-off init.
+    small = F.interpolate(images, size=(ph, pw), mode="bilinear", align_corners=False,
+                          antialias=True)
+    return (
+        small.reshape(m // k, factor, factor, c, ph, pw)
+        .permute(0, 3, 1, 4, 2, 5)  # (N, C, row, ph, col, pw)
+        .reshape(m // k, c, h, w)
+    )
