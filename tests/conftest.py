@@ -56,8 +56,13 @@ def digits():
     return load_dataset("digits", split="train"), load_dataset("digits", split="test")
 
 
+# Tests use tiny models, where one thread is as fast as two and immune to oversubscription
+# when the 2-core machine is shared (torch's 2 threads under load ran 10x slower).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     torch.manual_seed(0)
     yield
 

@@ -172,6 +172,24 @@ class DistillConfig:
                              f"samples_per_cluster ({r.samples_per_cluster})")
         return r
 
+    def check_data(self, counts: list[int]) -> None:
+        """Reject settings the dataset cannot satisfy, before any compute (resolved config)."""
+        small = min(range(len(counts)), key=lambda c: counts[c])
+        n = counts[small]
+        need = self.ipc * (self.factor or 1) ** 2
+        if self.init != "noise" and need > n:
+            raise ValueError(
+                f"distill.ipc: {self.ipc} images per class x factor² {(self.factor or 1) ** 2} = {need} "
+                f"real images needed to initialise, but class {small} has only {n}")
+        if self.ipc > n:
+            raise ValueError(f"distill.ipc ({self.ipc}) is larger than class {small} ({n} images)")
+        if self.selection == "representative":
+            pool = n if self.cluster_pool is None else min(n, self.cluster_pool)
+            if (self.batch_real or 0) > pool:
+                raise ValueError(
+                    f"distill: k ({self.clusters}) clusters x samples_per_cluster ({self.samples_per_cluster}) "
+                    f"= {self.batch_real} exceeds the {pool} images clustered in class {small}")
+
     @property
     def clusters(self) -> int:
         """k of the representative selection's k-means."""

@@ -280,3 +280,18 @@ class Distiller:
     def write_history(self) -> None:
         if self.out_dir is not None:
             (self.out_dir / "history.json").write_text(json.dumps(self.history))
+
+
+def balance_classes(counts: list[int], k: int, classes: list[int] | None = None) -> list[list[int]]:
+    """Split classes into k shards of near-equal image counts (largest first, each to the
+    lightest shard so far). Each shard's classes are returned sorted."""
+    classes = list(range(len(counts))) if classes is None else list(classes)
+    if not 1 <= k <= len(classes):
+        raise ValueError(f"cannot split {len(classes)} classes into {k} shards")
+    shards: list[list[int]] = [[] for _ in range(k)]
+    load = [0] * k
+    for c in sorted(classes, key=lambda c: (-counts[c], c)):
+        j = min(range(k), key=lambda i: (load[i], i))
+        shards[j].append(c)
+        load[j] += counts[c]
+    return [sorted(s) for s in shards]

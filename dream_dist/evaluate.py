@@ -1,0 +1,462 @@
+"""Evaluation protocol (DESIGN.md §4): train fresh networks on a distilled set, test on real data.
+
+    from dream_dist.evaluate import EvalConfig, evaluate
+    cfg = EvalConfig.preset("idc", model="convnet", runs=5)
+    result = evaluate(syn_images, syn_labels, test, mean, std, cfg, factor=2, log_dir="runs/x")
+    print(result)          # 98.41 ± 0.12 (5 runs, last epoch)
+
+What "accuracy" means here, and why:
+- every run trains a FRESH network (seed cfg.seed + run) from scratch on the given set;
+- the reported accuracy of a run is its LAST epoch's test accuracy. The test set is touched
+  once per run, after training, so no model selection on the test set is possible (some
+  public code reports the best epoch, which inflates the numbers);
+- mean ± sample std (ddof=1) over cfg.runs runs;
+- results trained with soft labels carry `soft_labels=True` and say so when printed, since
+  they are not comparable with hard-label results.
+
+`evaluate_run` is one run on its own, so a distributed layer can send runs to parallel
+workers (they are independent) and combine them with `EvalResult.from_runs`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dream_dist.augment import DSA, cutmix
+from dream_dist.data.base import ImageSet, normalize
+from dream_dist.formation import decode, decode_labels
+from dream_dist.models import MODELS, NORMS, build_model
+
+__all__ = [
+    "SCHEDULES",
+    "EvalConfig",
+    "EvalResult",
+    "train_network",
+    "test_accuracy",
+    "evaluate_run",
+    "evaluate",
+]
+
+SCHEDULES = ("dc", "idc", "cosine")
+
+
+@dataclass
+class EvalConfig:
+    """How networks are trained on a distilled set to measure it. Defaults: DC's protocol."""
+
+    model: str = "convnet"
+    """Registered model name (dream_dist.models.MODELS), e.g. 'convnet', 'resnet10'."""
+    width: int | None = None
+    """Channel width; None keeps the model's default (128 for ConvNet)."""
+    norm: str | None = None
+    """'instance' | 'batch' | 'none'; None keeps the model's default."""
+    epochs: int = 1000
+    """Training epochs over the (decoded) distilled set."""
+    lr: float = 0.01
+    """Initial SGD learning rate (0 is allowed: it leaves the network untrained)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay."""
+    batch_size: int = 256
+    """Mini-batch size; distilled sets up to this size train full-batch."""
+    schedule: str = "dc"
+    """'dc': lr x0.1 from epochs//2; 'idc': lr x0.2 at 2/3 and again at 5/6 of the epochs;
+    'cosine': cosine annealing to 0 over the epochs."""
+    dsa: bool = True
+    """Differentiable siamese augmentation of every training batch (per-sample parameters)."""
+    cutmix_prob: float = 0.0
+    """Probability that a batch is CutMix-ed (IDC/DREAM+ use 0.5)."""
+    cutmix_beta: float = 1.0
+    """Beta(beta, beta) distribution of the CutMix area ratio."""
+    runs: int = 5
+    """Independent runs (fresh networks) averaged in the result."""
+    seed: int = 0
+    """Run i uses seed + i for the network init and all training randomness."""
+    test_batch_size: int = 1024
+    """Batch size of the test pass (memory only; no effect on the result)."""
+    device: str = "cpu"
+    """Torch device to train and test on, e.g. 'cpu', 'cuda', 'cuda:1'."""
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; known models: "
+                             f"{', '.join(sorted(MODELS))}")
+        if self.norm is not None and self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; allowed: {', '.join(NORMS)} or None")
+        if self.width is not None and self.width < 1:
+            raise ValueError(f"width must be >= 1 or None, got {self.width}")
+        for name in ("epochs", "batch_size", "runs", "test_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of "
+                             f"{', '.join(SCHEDULES)}")
+        if not 0 <= self.cutmix_prob <= 1:
+            raise ValueError(f"cutmix_prob must be in [0, 1], got {self.cutmix_prob}")
+        if self.cutmix_beta <= 0:
+            raise ValueError(f"cutmix_beta must be > 0, got {self.cutmix_beta}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"invalid device {self.device!r}: {e}") from None
+
+    @classmethod
+    def preset(cls, method: str, **overrides: Any) -> "EvalConfig":
+        """The published protocol of `method`, with overrides.
+
+        'dc', 'dsa', 'dm': lr x0.1 at the half, DSA. 'idc', 'dream': lr x0.2 at 2/3 and 5/6,
+        DSA + CutMix (beta 1, p 0.5). All: SGD lr 0.01, momentum 0.9, wd 5e-4, 1000 epochs.
+        """
+        presets = {
+            "dc": dict(schedule="dc"),
+            "dsa": dict(schedule="dc"),
+            "dm": dict(schedule="dc"),
+            "idc": dict(schedule="idc", cutmix_prob=0.5),
+            "dream": dict(schedule="idc", cutmix_prob=0.5),
+        }
+        if method not in presets:
+            raise ValueError(f"no evaluation preset for {method!r}; presets: "
+                             f"{', '.join(presets)}")
+        return cls(**{**presets[method], **overrides})
+
+
+def _derive_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys (distinct streams for distinct uses)."""
+    # SeedSequence takes non-negative ints only; the modulo maps negative seeds onto distinct ones.
+    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(1, np.uint64)[0]
+    return int(state) & ((1 << 63) - 1)
+
+
+def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """Multiplier of the initial lr during `epoch` (0-based)."""
+    if schedule == "dc":
+        half = epochs // 2
+        return 0.1 if half > 0 and epoch >= half else 1.0
+    if schedule == "idc":
+        milestones = [m for m in (2 * epochs // 3, 5 * epochs // 6) if m > 0]
+        return 0.2 ** sum(epoch >= m for m in milestones)
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))  # cosine
+
+
+def _num_outputs(model: nn.Module) -> int:
+    classifier = getattr(model, "classifier", None)
+    if not isinstance(classifier, nn.Linear):
+        raise TypeError("the model must expose its final nn.Linear as `.classifier` "
+                        "(every dream_dist.models model does)")
+    return classifier.out_features
+
+
+def _soft_targets(targets: Tensor, n: int, k: int) -> Tensor:
+    """Hard labels (N,) -> one-hot (N, K); soft targets (N, K) are checked and passed through."""
+    if targets.dim() == 1 and not targets.is_floating_point():
+        if targets.shape[0] != n:
+            raise ValueError(f"labels have {targets.shape[0]} entries for {n} images")
+        if n and (targets.min() < 0 or targets.max() >= k):
+            raise ValueError(f"labels must lie in [0, {k}), got [{int(targets.min())}, "
+                             f"{int(targets.max())}]")
+        return F.one_hot(targets.long(), k).float()
+    if targets.dim() == 2 and targets.is_floating_point():
+        if targets.shape != (n, k):
+            raise ValueError(f"soft targets must be ({n}, {k}) (images x classes), got "
+                             f"{tuple(targets.shape)}")
+        if not torch.isfinite(targets).all() or (targets < 0).any():
+            raise ValueError("soft targets must be finite and non-negative")
+        if n and not torch.allclose(targets.sum(1), torch.ones(n, dtype=targets.dtype,
+                                                               device=targets.device), atol=1e-3):
+            raise ValueError("soft targets must be probabilities (rows summing to 1); "
+                             "pass softmax(logits / T), not logits")
+        return targets.float()
+    raise ValueError("targets must be integer labels (N,) or float soft targets (N, K), got "
+                     f"{targets.dtype} {tuple(targets.shape)}")
+
+
+def _normalised_weights(weights: Tensor | None, n: int) -> Tensor | None:
+    """Per-sample weights rescaled to mean 1 (None stays None).
+
+    With mean-1 weights, a batch's mean of w_i·loss_i is an unbiased estimate of the weighted
+    mean Σ w_i·loss_i / Σ w_i over the whole set, and equals it exactly when training is
+    full-batch (the usual case for a distilled set).
+    """
+    if weights is None:
+        return None
+    if weights.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},) (one per image), got "
+                         f"{tuple(weights.shape)}")
+    w = weights.detach().float()
+    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("weights must be finite, non-negative and not all zero")
+    return w / w.mean()
+
+
+def train_network(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    cfg: EvalConfig,
+    weights: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    progress: Any = None,
+) -> list[float]:
+    """Train `model` in place on normalised float images (N, C, H, W); return per-epoch losses.
+
+    targets: hard labels (N,) long or soft targets (N, K) float; both train with the
+    soft-target cross entropy -Σ_k t_k log p_k (hard labels become one-hot).
+    weights: optional (N,) per-sample weights (DDOQ's cluster masses); the loss is their
+    weighted mean. Under CutMix a mixed sample keeps the weight of the image it was pasted into.
+    generator: CPU generator driving shuffling, DSA and CutMix (default: seeded from cfg.seed).
+    progress: anything with `.update(n)` (a tqdm bar), advanced once per epoch.
+    """
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be float (N, C, H, W) (normalised), got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("cannot train on an empty image set")
+    device = torch.device(cfg.device)
+    soft = _soft_targets(targets, n, _num_outputs(model)).to(device)
+    w = _normalised_weights(weights, n)
+    w = w.to(device) if w is not None else None
+    images = images.detach().to(device, torch.float32)
+    g = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
+    dsa = DSA() if cfg.dsa else None
+
+    model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: _lr_factor(cfg.schedule, e, cfg.epochs))
+    losses: list[float] = []
+    for _ in range(cfg.epochs):
+        batches = list(torch.randperm(n, generator=g).split(cfg.batch_size))
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            # A batch of one breaks BatchNorm in train mode; fold it into the previous one.
+            batches[-2] = torch.cat(batches[-2:])
+            batches.pop()
+        total = 0.0
+        for b in batches:
+            b = b.to(device)
+            x, t = images[b], soft[b]
+            if dsa is not None:
+                x = dsa(x, generator=g)
+            if cfg.cutmix_prob > 0:
+                x, t = cutmix(x, t, beta=cfg.cutmix_beta, prob=cfg.cutmix_prob, generator=g)
+            per_sample = -(t * F.log_softmax(model(x), dim=1)).sum(1)
+            loss = per_sample.mean() if w is None else (per_sample * w[b]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(b)
+        sched.step()
+        losses.append(total / n)
+        if progress is not None:
+            progress.update(1)
+            if hasattr(progress, "set_postfix"):
+                progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    return losses
+
+
+@torch.no_grad()
+def test_accuracy(model: nn.Module, test: ImageSet, mean, std, batch_size: int = 1024) -> float:
+    """Top-1 accuracy in percent on `test` (uint8), normalised batch by batch so no float copy
+    of the whole test set is ever made. The model's train/eval mode is restored afterwards."""
+    if len(test) == 0:
+        raise ValueError("the test set is empty")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for xb, yb in zip(test.images.split(batch_size), test.labels.split(batch_size)):
+            pred = model(normalize(xb.to(device), mean, std)).argmax(1)
+            correct += int((pred == yb.to(device)).sum())
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / len(test)
+
+
+# Its name starts with "test": without this, pytest collects it as a test wherever it is imported.
+test_accuracy.__test__ = False  # type: ignore[attr-defined]
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of networks trained on a distilled set (last epoch of each run)."""
+
+    mean: float
+    """Mean test accuracy (%) over the runs."""
+    std: float
+    """SAMPLE standard deviation (ddof=1) over the runs; 0.0 for a single run."""
+    accs: list[float]
+    """Last-epoch test accuracy (%) of each run, in run order."""
+    seconds: float
+    """Wall time of all runs (train + test)."""
+    config: dict
+    """The EvalConfig as a dict, plus `factor`."""
+    soft_labels: bool
+    """Trained with soft labels: not comparable with hard-label results."""
+    num_images: int = 0
+    """Training images per run after multi-formation decoding (stored images x factor²)."""
+    final_losses: list[float] = field(default_factory=list)
+    """Last-epoch training loss of each run."""
+
+    @classmethod
+    def from_runs(cls, accs: list[float], seconds: float, config: dict, soft_labels: bool,
+                  num_images: int = 0, final_losses: list[float] | None = None) -> "EvalResult":
+        a = np.asarray(accs, dtype=np.float64)
+        std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
+        return cls(float(a.mean()), std, [float(v) for v in accs], seconds, config, soft_labels,
+                   num_images, list(final_losses or []))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        tags = f"{len(self.accs)} run{'s' if len(self.accs) != 1 else ''}, last epoch"
+        if self.soft_labels:
+            tags += ", soft labels"
+        return f"{self.mean:.2f} ± {self.std:.2f} ({tags})"
+
+
+def _check_set(images: Tensor, labels: Tensor, test: ImageSet) -> None:
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be float (N, C, H, W), already normalised; got "
+                         f"{images.dtype} {tuple(images.shape)} (normalise uint8 images with "
+                         f"dream_dist.data.normalize)")
+    if images.shape[0] == 0:
+        raise ValueError("cannot evaluate an empty image set")
+    if labels.shape != (images.shape[0],) or labels.is_floating_point():
+        raise ValueError(f"labels must be integer class ids of shape ({images.shape[0]},), got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    if tuple(images.shape[1:]) != (test.channels, test.size, test.size):
+        raise ValueError(f"images are {tuple(images.shape[1:])} but the test set is "
+                         f"{(test.channels, test.size, test.size)} (C, H, W)")
+
+
+def evaluate_run(
+    images: Tensor,
+    targets: Tensor,
+    test: ImageSet,
+    mean,
+    std,
+    cfg: EvalConfig,
+    run: int = 0,
+    weights: Tensor | None = None,
+    log_dir: str | Path | None = None,
+    progress: Any = None,
+) -> tuple[float, list[float]]:
+    """One run: a fresh network (seed cfg.seed + run) trained on decoded images with targets
+    ((N,) labels or (N, K) soft targets) -> (last-epoch test accuracy %, per-epoch losses).
+
+    log_dir: a TensorBoard run directory for `train/loss` (per epoch) and `test/acc`.
+    """
+    seed = cfg.seed + run
+    # Fork so the caller's global RNG is untouched: runs are reproducible whatever ran before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, images.shape[1], test.num_classes, images.shape[-1],
+                            width=cfg.width, norm=cfg.norm)
+    # A separate stream for training randomness (init and training must not share draws).
+    g = torch.Generator().manual_seed(_derive_seed(seed, 1))
+    losses = train_network(model, images, targets, cfg, weights=weights, generator=g,
+                           progress=progress)
+    acc = test_accuracy(model, test, mean, std, cfg.test_batch_size)
+    if log_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter  # heavy import, only when logging
+
+        with SummaryWriter(str(log_dir)) as writer:
+            for epoch, loss in enumerate(losses):
+                writer.add_scalar("train/loss", loss, epoch)
+            writer.add_scalar("test/acc", acc, cfg.epochs)
+    return acc, losses
+
+
+def evaluate(
+    images: Tensor,
+    labels: Tensor,
+    test: ImageSet,
+    mean,
+    std,
+    cfg: EvalConfig,
+    factor: int = 1,
+    soft_labels: Tensor | None = None,
+    weights: Tensor | None = None,
+    log_dir: str | Path | None = None,
+    name: str = "eval",
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate a distilled set: cfg.runs fresh networks trained on it, tested on `test`.
+
+    images: normalised float (N, C, H, W) as stored; labels: (N,) class ids.
+    factor: IDC multi-formation factor; > 1 decodes every stored image into factor² training
+        images first, repeating its label, soft label and weight.
+    soft_labels: optional (N, K) probabilities used as training targets instead of labels.
+    weights: optional (N,) per-image loss weights (DDOQ's cluster masses).
+    log_dir: writes <log_dir>/<name>.json and TensorBoard runs <log_dir>/tb/<name>/run<i>.
+    progress: a tqdm bar over runs x epochs (shown when stderr is a terminal).
+    """
+    _check_set(images, labels, test)
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be a positive int, got {factor!r}")
+    n = images.shape[0]
+    if soft_labels is not None and soft_labels.shape != (n, test.num_classes):
+        raise ValueError(f"soft_labels must be ({n}, {test.num_classes}) (images x classes), got "
+                         f"{tuple(soft_labels.shape)}")
+    if weights is not None and weights.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},) (one per stored image), got "
+                         f"{tuple(weights.shape)}")
+
+    images = images.detach()
+    if factor > 1:
+        # decode_labels of 0..N-1 says which stored image each decoded image came from, so soft
+        # labels and weights follow exactly the ordering `decode` uses.
+        src = decode_labels(torch.arange(n), factor)
+        images = decode(images, factor)
+        if images.shape[0] != src.shape[0]:
+            raise RuntimeError("decode and decode_labels disagree on the decoded count")
+        labels = labels[src]
+        soft_labels = soft_labels[src] if soft_labels is not None else None
+        weights = weights[src] if weights is not None else None
+    targets = soft_labels if soft_labels is not None else labels
+
+    config = {**dataclasses.asdict(cfg), "factor": factor}
+    accs: list[float] = []
+    final_losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.runs * cfg.epochs, desc=name, disable=None if progress else True,
+               dynamic_ncols=True)
+    try:
+        for run in range(cfg.runs):
+            tb = Path(log_dir) / "tb" / name / f"run{run}" if log_dir is not None else None
+            acc, losses = evaluate_run(images, targets, test, mean, std, cfg, run=run,
+                                       weights=weights, log_dir=tb, progress=bar)
+            accs.append(acc)
+            final_losses.append(losses[-1])
+            bar.set_description(f"{name} run {run}: {acc:.2f}%")
+    finally:
+        bar.close()
+    result = EvalResult.from_runs(accs, time.perf_counter() - start, config,
+                                  soft_labels is not None, images.shape[0], final_losses)
+    if log_dir is not None:
+        path = Path(log_dir) / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"name": name, **result.to_dict()}, indent=2))
+    return result
