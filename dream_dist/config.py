@@ -81,9 +81,53 @@ class CoresetConfig:
 
 
 @dataclass
+class DistillRunConfig:
+    method: str = "dream_plus"
+    """Preset name (dream_dist.distill.config.PRESETS): dream_plus, dream, idc, dc, dsa, dm,
+    dream_plus_dc, dream_plus_dsa, dream_plus_dm, idc_representative, idc_bidirectional,
+    idc_cluster_init."""
+    overrides: dict = field(default_factory=dict)
+    """Fields of DistillConfig that differ from the preset (e.g. iterations, inner_steps, width)."""
+    shards: int = 1
+    """Class shards run in this process (the unit a Ray worker owns); the result is the same
+    for any count."""
+    resume: bool = False
+    """Continue from <out_dir>/checkpoint.pt when it exists."""
+    checkpoint_every: int = 10
+    """Inner steps between checkpoints (and at every outer iteration's end)."""
+    quick_eval_every: int = 0
+    """Inner steps between quick evaluations logged to TensorBoard (0 = off)."""
+    quick_eval_epochs: int = 100
+    """Epochs of the quick evaluation (1 run, else the eval config)."""
+    grid_every: int = 10
+    """Inner steps between synthetic image grids in TensorBoard."""
+    snapshot_steps: list[int] = field(default_factory=list)
+    """Global inner steps after which the synthetic set is saved for later evaluation."""
+    baseline: bool = True
+    """Also evaluate a random real coreset of the same IPC, for the comparison table."""
+    memory_budget_mb: int = 4096
+    """Decoded real images kept in memory; over budget, classes stream from shards again."""
+
+    def __post_init__(self) -> None:
+        from dream_dist.distill.config import preset
+
+        try:
+            preset(self.method, **dict(self.overrides))
+        except TypeError as e:
+            raise ConfigError(f"distill.overrides: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"distill: {e}") from None
+        for name in ("shards", "checkpoint_every", "quick_eval_epochs", "grid_every", "memory_budget_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"distill.{name} must be >= 1")
+        if self.quick_eval_every < 0:
+            raise ConfigError("distill.quick_eval_every must be >= 0")
+
+
+@dataclass
 class RunConfig:
-    task: str = "coreset"
-    """What to run: pack, coreset."""
+    task: str = "distill"
+    """What to run: distill, coreset, pack."""
     seed: int = 0
     """Seed of everything random in the run."""
     out_dir: str | None = None
@@ -98,6 +142,7 @@ class RunConfig:
     pack: PackConfig = field(default_factory=PackConfig)
     coreset: CoresetConfig = field(default_factory=CoresetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillRunConfig = field(default_factory=DistillRunConfig)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -110,7 +155,7 @@ class RunConfig:
             self.pack.out = f"outputs/packed/{self.dataset.name}"
 
 
-TASKS = ("pack", "coreset")
+TASKS = ("distill", "coreset", "pack")
 
 
 def build(cls: type, values: Mapping[str, Any] | None, path: str = "") -> Any:

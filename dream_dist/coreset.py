@@ -20,29 +20,15 @@ from tqdm.auto import tqdm
 from dream_dist.data.base import ImageSet, normalize
 from dream_dist.kmeans import FlatIndex
 from dream_dist.models import build_model
+from dream_dist.seeding import derive_seed, generator
 
 __all__ = ["METHODS", "select", "extract_features", "train_feature_net", "build_coreset"]
 
 METHODS = ("random", "herding", "kcenter")
 
 
-def _derive_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integer keys (seed, purpose, class...).
-
-    SeedSequence spreads the keys, so class c of seed s never shares a random stream with
-    class c' of seed s' (plain seed + c would). It takes non-negative ints only; the modulo
-    maps negative user seeds onto distinct values.
-    """
-    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(1, np.uint64)[0]
-    return int(state) & ((1 << 63) - 1)
-
-
-def _generator(*keys: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_derive_seed(*keys))
-
-
 def _random(n: int, ipc: int, seed: int) -> Tensor:
-    return torch.randperm(n, generator=_generator(seed))[:ipc]
+    return torch.randperm(n, generator=generator(seed))[:ipc]
 
 
 def _herding(feats: Tensor, ipc: int) -> Tensor:
@@ -140,7 +126,7 @@ def extract_features(
 
 def _balanced_subsample(labels: Tensor, max_images: int, num_classes: int, seed: int) -> Tensor:
     """Seeded subset of at most max_images indices with (nearly) equal counts per class."""
-    g = _generator(seed, 1)
+    g = generator(seed, 1)
     per_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
     per_class = [p[torch.randperm(len(p), generator=g)] for p in per_class]
     quota = max(1, max_images // max(1, sum(len(p) > 0 for p in per_class)))
@@ -180,7 +166,7 @@ def train_feature_net(
         net = build_model(model, train.channels, train.num_classes, train.size, width=width)
     net.to(device).train()
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    g = _generator(seed, 2)
+    g = generator(seed, 2)
     bar = tqdm(total=epochs * ((len(idx) + batch_size - 1) // batch_size),
                disable=None if progress else True,
                desc=f"feature net ({model})", leave=False)
@@ -220,8 +206,8 @@ def build_coreset(
         idx_c = torch.nonzero(train.labels == c).flatten()
         feats_c = features[idx_c] if method != "random" else torch.empty(len(idx_c), 0)
         try:
-            # Each class draws from its own stream of `seed` (see _generator).
-            local = select(method, feats_c, ipc, seed=_derive_seed(seed, 0, c))
+            # Each class draws from its own stream of `seed` (dream_dist.seeding).
+            local = select(method, feats_c, ipc, seed=derive_seed(seed, 0, c))
         except ValueError as e:
             raise ValueError(f"class {c} ({train.classes[c]!r}): {e}") from None
         chosen.append(idx_c[local])

@@ -37,6 +37,7 @@ from dream_dist.augment import DSA, cutmix
 from dream_dist.data.base import ImageSet, normalize
 from dream_dist.formation import decode, decode_labels
 from dream_dist.models import MODELS, NORMS, build_model
+from dream_dist.seeding import derive_seed
 
 __all__ = [
     "SCHEDULES",
@@ -137,13 +138,6 @@ class EvalConfig:
             raise ValueError(f"no evaluation preset for {method!r}; presets: "
                              f"{', '.join(presets)}")
         return cls(**{**presets[method], **overrides})
-
-
-def _derive_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integer keys (distinct streams for distinct uses)."""
-    # SeedSequence takes non-negative ints only; the modulo maps negative seeds onto distinct ones.
-    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(1, np.uint64)[0]
-    return int(state) & ((1 << 63) - 1)
 
 
 def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -375,7 +369,7 @@ def evaluate_run(
         model = build_model(cfg.model, images.shape[1], test.num_classes, images.shape[-1],
                             width=cfg.width, norm=cfg.norm)
     # A separate stream for training randomness (init and training must not share draws).
-    g = torch.Generator().manual_seed(_derive_seed(seed, 1))
+    g = torch.Generator().manual_seed(derive_seed(seed, 1))
     losses = train_network(model, images, targets, cfg, weights=weights, generator=g,
                            progress=progress)
     acc = test_accuracy(model, test, mean, std, cfg.test_batch_size)

@@ -1,6 +1,7 @@
 """dream_dist's one entry point: Hydra overrides in, a task run out.
 
-    python -m dream_dist.run                       # default: the embedded digits dataset
+    python -m dream_dist.run                       # default: DREAM+ on the embedded digits
+    dream-dist dataset=mnist experiment=mnist_cpu  # DREAM+ on MNIST with the CPU schedule
     dream-dist task=pack dataset=mnist             # class-grouped WebDataset shards
     dream-dist task=coreset dataset=fashion_mnist coreset.ipc=1 eval=protocol
     python dream_dist/run.py ...                   # as a plain script (ray submit / job submit)
@@ -131,7 +132,13 @@ def print_table(rows: list[dict], title: str) -> None:
     print()
 
 
-TASKS = {"pack": run_pack, "coreset": run_coreset}
+def run_distill(cfg) -> dict:
+    from dream_dist.distill.task import run_distill as distill
+
+    return distill(cfg)
+
+
+TASKS = {"distill": run_distill, "coreset": run_coreset, "pack": run_pack}
 
 
 def main(argv: list[str] | None = None) -> dict:
