@@ -1,0 +1,88 @@
+"""The CLI: one compose() per experiment file, bad configs refused, and end-to-end runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dream_dist.config import ConfigError
+from dream_dist.run import compose, conf_dir, main
+
+EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name):
+    cfg = compose([f"experiment={name}"])
+    assert cfg.task in ("distill", "coreset", "pack")
+    if cfg.task == "distill":
+        from dream_dist.distill.task import resolve
+
+        resolve(cfg)  # the preset + overrides resolve for the experiment's dataset
+
+
+def test_defaults_are_the_digits_main_job():
+    cfg = compose([])
+    assert cfg.task == "distill" and cfg.dataset.name == "digits" and cfg.distill.method == "dream_plus"
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("task=distil", "unknown 'distil'"),
+    ("distill.method=dream++", "unknown method"),
+    ("+distill.overrides.tau=0", "tau must be a positive"),
+    ("+distill.overrides.taus=3", "unexpected keyword"),
+    ("coreset.ipc=0", "coreset.ipc must be >= 1"),
+    ("eval.schedule=step", "unknown schedule"),
+])
+def test_bad_config_is_refused_before_compute(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        compose([override])
+
+
+def test_main_exits_with_clear_message(capsys):
+    with pytest.raises(SystemExit, match="bad config: .*task"):
+        main(["task=nope"])
+
+
+def test_ipc_larger_than_class_refused_before_compute(tmp_path):
+    # Digits classes have ~140 training images: IPC 50 x f² 4 = 200 cannot be initialised.
+    with pytest.raises(ValueError, match="only"):
+        main([f"out_dir={tmp_path}/run", f"pack.out={tmp_path}/packed", "progress=false",
+              "+distill.overrides.ipc=50"])
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_distill_end_to_end_on_digits(tmp_path):
+    out = tmp_path / "run"
+    args = [f"out_dir={out}", f"pack.out={tmp_path}/packed", "progress=false",
+            "distill.overrides.width=8", "distill.overrides.iterations=1", "distill.overrides.inner_steps=2",
+            "distill.overrides.batch_real=16", "distill.overrides.net_images=64",
+            "distill.overrides.init_images=256", "distill.grid_every=1",
+            "eval.width=8", "eval.epochs=3", "eval.runs=1", "distill.shards=2"]
+    summary = main(args)
+    assert [r["method"] for r in summary["rows"]] == ["dream_plus", "random coreset"]
+    assert all(0 <= r["mean"] <= 100 for r in summary["rows"])
+    for f in ("distilled.pt", "distilled.png", "checkpoint.pt", "history.json", "results.json"):
+        assert (out / f).exists(), f
+    from dream_dist import load_distilled
+
+    ds = load_distilled(out / "distilled.pt")
+    assert len(ds) == 10 * 10 * 4 and ds.factor == 2 and ds.stored.images.shape == (100, 1, 28, 28)
+    # TensorBoard has scalars and image grids.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(next((out / "tb" / "distill").glob("events*"))))
+    ev.Reload()
+    assert "loss/total" in ev.Tags()["scalars"] and "synthetic" in ev.Tags()["images"]
+    # Resume from the finished run's checkpoint: nothing left to do, same set.
+    again = main(args + ["distill.resume=true", "distill.baseline=false"])
+    assert again["metrics"]["steps"] == 2
+    torch.testing.assert_close(load_distilled(out / "distilled.pt").stored.images, ds.stored.images)
+
+
+def test_pack_task(tmp_path):
+    main(["task=pack", f"pack.out={tmp_path}", "progress=false"])
+    idx = json.loads(Path(tmp_path, "index-train.json").read_text())
+    assert idx["source"] == "digits" and sum(idx["counts"]) == 1437
