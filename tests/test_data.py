@@ -227,3 +227,32 @@ def test_class_cache_respects_budget_and_streams_again(packed_mnist):
     assert cache.reads == 3 and torch.equal(a, b)  # streamed again, same pixels
     tiny = ClassCache(reader, budget_bytes=10)  # nothing fits: always streams, never fails
     assert torch.equal(tiny.get(5), src.of_class(5)) and tiny.used == 0
+
+
+def test_pack_cifar_imagefolder_and_repack_of_packed(tmp_path):
+    """pack accepts every source: CIFAR pickles, an ImageFolder, and packed shards themselves."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "cifar"
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+                         b"labels": [0, 1, 2]}, f)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"a", b"b", b"c"]}, f)
+    folder = tmp_path / "folder"
+    for c in ("x", "y"):
+        (folder / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+    for name, src_root in (("cifar10", root), ("imagefolder", folder)):
+        src = load_dataset(name, "train", root=src_root)
+        pack(src, tmp_path / f"p_{name}", "train", source=name, progress=False)
+        again = load_dataset("packed", "train", root=tmp_path / f"p_{name}")
+        order = torch.argsort(src.labels, stable=True)  # packed data comes back class-major
+        assert torch.equal(again.images, src.images[order]) and torch.equal(again.labels, src.labels[order])
+        # Re-packing packed data (the WebDataset source) is lossless too.
+        pack(again, tmp_path / f"pp_{name}", "train", source="packed", progress=False)
+        assert torch.equal(load_dataset("packed", "train", root=tmp_path / f"pp_{name}").images, again.images)

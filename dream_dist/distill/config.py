@@ -93,7 +93,7 @@ class DistillConfig:
     """Network (dream_dist.models); ConvNet-3 for 28/32 px, ConvNet-4 for 64 px."""
     width: int | None = None
     """Network width; None = the model's default (128)."""
-    feature_batch: int = 1024
+    feature_batch: int = 256
     """Batch size of no-grad feature extraction (memory bound of clustering)."""
 
     def __post_init__(self) -> None:
