@@ -11,7 +11,6 @@ so a coreset is evaluated exactly like a distilled set.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

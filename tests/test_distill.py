@@ -1,7 +1,6 @@
 """The distillation engine: shard and resume equivalence, and each switch as specified."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -7,7 +7,7 @@ import torch
 
 import dream_dist.evaluate as ev
 from dream_dist.data import normalize
-from dream_dist.evaluate import EvalConfig, EvalResult, evaluate, test_accuracy, train_network
+from dream_dist.evaluate import EvalConfig, EvalResult, evaluate, train_network
 from dream_dist.models import build_model
 
 
