@@ -3,7 +3,7 @@
     python -m dream_dist.run                       # default: DREAM+ on the embedded digits
     dream-dist dataset=mnist experiment=mnist_cpu  # DREAM+ on MNIST with the CPU schedule
     dream-dist task=pack dataset=mnist             # class-grouped WebDataset shards
-    dream-dist task=coreset dataset=fashion_mnist coreset.ipc=1 eval=protocol
+    dream-dist experiment=coreset dataset=fashion_mnist coreset.ipc=1 eval=protocol
     python dream_dist/run.py ...                   # as a plain script (ray submit / job submit)
 
 The config is composed from conf/ (the repository's, or the copy installed inside the
