@@ -61,7 +61,8 @@ def train_loop_per_worker(config: dict) -> None:
     mine = balance_classes(counts_all, world, classes)[rank]
     cache = ClassCache(reader, cfg.distill.memory_budget_mb * 2**20)
     mean, std = reader.mean_std
-    shard = ClassShard(mine, cache, dcfg, mean, std, len(counts_all), seed=cfg.seed, device=device)
+    shard = ClassShard(mine, cache, dcfg, mean, std, len(counts_all), seed=cfg.seed, device=device,
+                       counts=counts_all)
 
     def allreduce(buffers: list[torch.Tensor]) -> None:
         for b in buffers:

@@ -47,7 +47,10 @@ class ClassShard:
         num_classes: int,
         seed: int = 0,
         device: str = "cpu",
+        counts: Mapping[int, int] | None = None,
     ):
+        """counts: images per class when known (e.g. from the packed index), so the shard
+        need not load every class just to count it; by default counted from `real`."""
         if cfg.factor is None or cfg.metric is None:
             raise ValueError("ClassShard needs a resolved DistillConfig (cfg.resolved(dataset))")
         self.classes = [int(c) for c in classes]
@@ -61,7 +64,8 @@ class ClassShard:
         self.syn: dict[int, Tensor] = {}
         self.opt: dict[int, torch.optim.Optimizer] = {}
         self.selected: dict[int, Tensor] = {}
-        self.counts = {c: len(self.real.get(c)) for c in self.classes}
+        self.counts = {c: int(counts[c]) if counts is not None else len(self.real.get(c))
+                       for c in self.classes}
 
     # ------------------------------------------------------------------ synthetic set
 

@@ -68,7 +68,8 @@ def run_distill(cfg) -> dict:
     dcfg.check_data([counts_all[c] for c in classes])  # before any compute
     mean, std = reader.mean_std
     cache = ClassCache(reader, cfg.distill.memory_budget_mb * 2**20)
-    shards = [ClassShard(cl, cache, dcfg, mean, std, len(counts_all), seed=cfg.seed, device=cfg.device)
+    shards = [ClassShard(cl, cache, dcfg, mean, std, len(counts_all), seed=cfg.seed, device=cfg.device,
+                          counts=counts_all)
               for cl in balance_classes(counts_all, cfg.distill.shards, classes)]
     tb = TensorBoardLogger(out / "tb" / "distill", mean, std, cfg.distill.grid_every, dcfg.ipc)
     test = test_reader.load_classes(cfg.dataset.classes)
@@ -110,7 +111,12 @@ def run_distill(cfg) -> dict:
     if cfg.distill.baseline:
         from dream_dist.coreset import build_coreset
 
-        train = reader.load_classes(classes)
+        from dream_dist.data.base import ImageSet
+
+        # From the cache the shards already filled, not a second read of the shards.
+        train = ImageSet(torch.cat([cache.get(c) for c in classes]),
+                         torch.tensor(classes).repeat_interleave(torch.tensor([counts_all[c] for c in classes])),
+                         list(reader.classes))
         core = build_coreset("random", train, dcfg.ipc, seed=cfg.seed)
         base = evaluate(normalize(core.images, mean, std), core.labels, test, mean, std, cfg.eval,
                         log_dir=out, name="random_coreset", progress=cfg.progress)
