@@ -107,6 +107,11 @@ class DistillRunConfig:
     """Also evaluate a random real coreset of the same IPC, for the comparison table."""
     memory_budget_mb: int = 4096
     """Decoded real images kept in memory; over budget, classes stream from shards again."""
+    workers: int = 0
+    """0 = run the class shards in this process; N >= 1 = one class shard on each of N Ray Train
+    workers (joins a running cluster via address="auto", else starts Ray locally). Same result."""
+    max_failures: int = 1
+    """Ray runs: worker-group restarts from the last checkpoint allowed after a worker dies."""
 
     def __post_init__(self) -> None:
         from dream_dist.distill.config import preset
@@ -122,6 +127,8 @@ class DistillRunConfig:
                 raise ConfigError(f"distill.{name} must be >= 1")
         if self.quick_eval_every < 0:
             raise ConfigError("distill.quick_eval_every must be >= 0")
+        if self.workers < 0 or self.max_failures < 0:
+            raise ConfigError("distill.workers and distill.max_failures must be >= 0")
 
 
 @dataclass

@@ -14,8 +14,7 @@ Checkpoints go through `ray.train.report` every `distill.checkpoint_every` steps
 worker writes its own classes (rank<r>.pt) into the same checkpoint directory, and a
 restarted worker group (Ray's FailureConfig) merges them, so any worker count can resume.
 
-Not yet here (open issue): Tune sweeps, parallel evaluation tasks, the cluster launcher
-files and the scaling benchmark.
+From the CLI: `dream-dist distill.workers=2` (dream_dist.distill.task dispatches here).
 """
 from __future__ import annotations
 
@@ -68,14 +67,27 @@ def train_loop_per_worker(config: dict) -> None:
         for b in buffers:
             dist.all_reduce(b)  # SUM of float64 per-class contributions
 
+    log = None
+    if rank == 0 and config.get("log_dir"):
+        # Rank 0 logs the step scalars (the network-side ones are global after the all-reduce).
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(config["log_dir"])
+
+        def log(step: int, metrics: dict) -> None:
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, step)
+
     d = Distiller(dcfg, [shard], counts, reader.index["channels"], reader.index["image_size"],
-                  seed=cfg.seed, device=device, allreduce=allreduce, progress=cfg.progress and rank == 0)
+                  seed=cfg.seed, device=device, allreduce=allreduce, log=log,
+                  progress=cfg.progress and rank == 0)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as ckpt_dir:
             d.load_state_dict(_load_merged(ckpt_dir))
     else:
         d.initialize()
+    resumed_from = d.global_step  # 0 for a fresh start; the checkpoint's step after a restart
 
     total = dcfg.iterations * dcfg.inner_steps
     every = cfg.distill.checkpoint_every
@@ -85,18 +97,23 @@ def train_loop_per_worker(config: dict) -> None:
             torch.save(d.state_dict(), os.path.join(tmp, f"rank{rank:04d}.pt"))
             last = d.history[-1] if d.history else {}
             ray.train.report({"step": d.global_step, "loss": last.get("loss/total", 0.0),
-                              "classes": len(mine), "opened_shards": len(reader.opened)},
+                              "classes": len(mine), "opened_shards": len(reader.opened), "resumed_from": resumed_from},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
         hook = config.get("after_report")
         if hook is not None:
             hook(rank, d.global_step)
+    if log is not None:
+        writer.close()
 
 
 def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | Path | None = None,
-                   after_report=None):
+                   after_report=None, log_dir: str | Path | None = None):
     """Distil cfg's dataset on `num_workers` Ray Train workers (one class shard each).
 
     Joins a running cluster (address="auto") when there is one, else starts Ray locally.
+    max_failures: worker-group restarts from the last checkpoint (Ray's FailureConfig).
+    after_report(rank, step): called in each worker after each checkpoint report (fault drills).
+    log_dir: rank 0 writes the per-step scalars there (TensorBoard).
     Returns (stored images, labels, ray.train.Result).
     """
     import ray
@@ -118,7 +135,9 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "dcfg": dcfg, "packed": str(Path(root).resolve()),
-                           "after_report": after_report},
+                           "after_report": after_report,
+                           "log_dir": str(Path(log_dir).resolve()) if log_dir else None,
+                           "threads_per_worker": cfg.threads or 1},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="distill", storage_path=str(storage),

@@ -1,7 +1,11 @@
 """Class shards on Ray Train workers (one module-scoped local Ray for the whole file)."""
 from __future__ import annotations
 
+import json
 import os
+import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,30 +14,93 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
-from dream_dist.run import compose, main  # noqa: E402
+from dream_dist.run import compose, main
+
+# The fault-injection hook below is shipped to the workers by value (this test module is
+# not importable on a worker).
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+TINY = ["progress=false", "distill.overrides.width=8", "distill.overrides.iterations=1",
+        "distill.overrides.inner_steps=3", "distill.overrides.batch_real=16", "distill.overrides.net_images=64",
+        "distill.overrides.init_images=256", "distill.checkpoint_every=2", "distill.baseline=false",
+        "eval.width=8", "eval.epochs=1", "eval.runs=1"]
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a fresh instance, never a cluster someone else started on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
 
-def test_two_ray_workers_equal_one_process(local_ray, tmp_path):
-    args = [f"out_dir={tmp_path}/run", f"pack.out={tmp_path}/packed", "progress=false",
-            "distill.overrides.width=8", "distill.overrides.iterations=1", "distill.overrides.inner_steps=3",
-            "distill.overrides.batch_real=16", "distill.overrides.net_images=64",
-            "distill.overrides.init_images=256", "distill.checkpoint_every=2", "distill.baseline=false",
-            "eval.width=8", "eval.epochs=1", "eval.runs=1"]
-    main(args)  # the in-process reference: one shard, one process
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The in-process reference run: one shard, one process."""
+    tmp = tmp_path_factory.mktemp("ref")
+    args = [f"out_dir={tmp}/run", f"pack.out={tmp}/packed", *TINY]
+    main(args)
     from dream_dist import load_distilled
+
+    return args, load_distilled(tmp / "run" / "distilled.pt").stored
+
+
+def test_two_ray_workers_equal_one_process(local_ray, reference, tmp_path):
     from dream_dist.distributed import distill_on_ray
 
-    ref = load_distilled(tmp_path / "run" / "distilled.pt").stored
+    args, ref = reference
     images, labels, result = distill_on_ray(compose(args), num_workers=2, storage=tmp_path / "ray")
     assert torch.equal(labels, ref.labels)
     torch.testing.assert_close(images, ref.images, rtol=1e-5, atol=1e-5)
     # Rank 0 owns 5 of the 10 digit classes and opened only their 5 shards.
     assert result.metrics["classes"] == 5 and result.metrics["opened_shards"] == 5
     assert result.metrics["step"] == 3
+
+
+class KillOnce:
+    """Kill (SIGKILL) the worker process of `rank` right after its report at `step`, once."""
+
+    def __init__(self, marker: Path, rank: int, step: int):
+        self.marker, self.rank, self.step = str(marker), rank, step
+
+    def __call__(self, rank: int, step: int) -> None:
+        if rank == self.rank and step == self.step and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_killed_worker_recovers_to_the_same_set(local_ray, reference, tmp_path):
+    """Rank 1 dies after the step-2 checkpoint; Ray's FailureConfig restarts the worker group
+    from that checkpoint and the run ends with exactly the uninterrupted synthetic set."""
+    from dream_dist.distributed import distill_on_ray
+
+    args, ref = reference
+    marker = tmp_path / "killed"
+    images, labels, result = distill_on_ray(compose(args), num_workers=2, max_failures=1,
+                                            storage=tmp_path / "ray", after_report=KillOnce(marker, 1, 2))
+    assert marker.exists(), "the fault was not injected"
+    assert int(marker.read_text()) > 0
+    assert result.metrics["step"] == 3
+    assert result.metrics["resumed_from"] == 2  # restarted from the checkpoint, not from scratch
+    torch.testing.assert_close(images, ref.images, rtol=1e-5, atol=1e-5)
+    assert torch.equal(labels, ref.labels)
+
+
+def test_cli_dispatches_to_ray_workers(local_ray, reference, tmp_path):
+    """`distill.workers=2` runs the CLI's distill task on Ray: same set, same outputs."""
+    from dream_dist import load_distilled
+
+    args, ref = reference
+    out = tmp_path / "run"
+    summary = main([*args, f"out_dir={out}", "distill.workers=2"])
+    assert summary["metrics"]["workers"] == 2
+    got = load_distilled(out / "distilled.pt").stored
+    torch.testing.assert_close(got.images, ref.images, rtol=1e-5, atol=1e-5)
+    assert json.loads((out / "results.json").read_text())["rows"][0]["method"] == "dream_plus"
+    # Rank 0's step scalars reached TensorBoard.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb" / "distill"))
+    acc.Reload()
+    assert "loss/total" in acc.Tags()["scalars"]
+    assert len(acc.Scalars("loss/total")) == 3
