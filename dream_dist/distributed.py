@@ -19,7 +19,9 @@ From the CLI: `dream-dist distill.workers=2` (dream_dist.distill.task dispatches
 from __future__ import annotations
 
 import os
+import resource
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -63,9 +65,15 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ClassShard(mine, cache, dcfg, mean, std, len(counts_all), seed=cfg.seed, device=device,
                        counts=counts_all)
 
+    comm = {"bytes": 0, "seconds": 0.0, "calls": 0}
+
     def allreduce(buffers: list[torch.Tensor]) -> None:
+        t0 = time.perf_counter()
         for b in buffers:
             dist.all_reduce(b)  # SUM of float64 per-class contributions
+            comm["bytes"] += b.numel() * b.element_size()
+        comm["calls"] += 1
+        comm["seconds"] += time.perf_counter() - t0
 
     log = None
     if rank == 0 and config.get("log_dir"):
@@ -97,7 +105,13 @@ def train_loop_per_worker(config: dict) -> None:
             torch.save(d.state_dict(), os.path.join(tmp, f"rank{rank:04d}.pt"))
             last = d.history[-1] if d.history else {}
             ray.train.report({"step": d.global_step, "loss": last.get("loss/total", 0.0),
-                              "classes": len(mine), "opened_shards": len(reader.opened), "resumed_from": resumed_from},
+                              "classes": len(mine), "opened_shards": len(reader.opened),
+                              "resumed_from": resumed_from, "distill_seconds": d.timing["distill"],
+                              "startup_seconds": d.timing["startup"],
+                              # ru_maxrss is in KiB on Linux: the worker process's peak memory.
+                              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                              "allreduce_bytes": comm["bytes"], "allreduce_calls": comm["calls"],
+                              "allreduce_seconds": comm["seconds"]},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
         hook = config.get("after_report")
         if hook is not None:
@@ -126,10 +140,10 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
     dcfg = resolve(cfg)
     root = ensure_packed(cfg)
     if not ray.is_initialized():
-        try:
-            ray.init(address="auto", log_to_driver=False)
-        except ConnectionError:
-            ray.init(log_to_driver=False)
+        # Plain init joins the cluster of RAY_ADDRESS or of `ray start` on this node (what
+        # `ray submit` / `ray job submit` give) and starts a local Ray otherwise. address="auto"
+        # would instead fail, or attach to any Ray process found on the machine.
+        ray.init(log_to_driver=False)
     storage = Path(storage or Path(cfg.out_dir) / "ray").resolve()
     use_gpu = cfg.device.startswith("cuda")
     trainer = TorchTrainer(
