@@ -11,7 +11,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from dream_dist.ddoq import DDOQConfig
 from dream_dist.evaluate import EvalConfig
+from dream_dist.kd import KDConfig
+from dream_dist.observer import ObserverConfig
+from dream_dist.rded import RDEDConfig
+from dream_dist.tune import TuneConfig
 
 
 class ConfigError(ValueError):
@@ -109,7 +114,7 @@ class DistillRunConfig:
     """Decoded real images kept in memory; over budget, classes stream from shards again."""
     workers: int = 0
     """0 = run the class shards in this process; N >= 1 = one class shard on each of N Ray Train
-    workers (joins a running cluster via address="auto", else starts Ray locally). Same result."""
+    workers (joins the running cluster when there is one, else starts Ray locally). Same result."""
     max_failures: int = 1
     """Ray runs: worker-group restarts from the last checkpoint allowed after a worker dies."""
 
@@ -150,6 +155,12 @@ class RunConfig:
     coreset: CoresetConfig = field(default_factory=CoresetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distill: DistillRunConfig = field(default_factory=DistillRunConfig)
+    ddoq: DDOQConfig = field(default_factory=DDOQConfig)
+    observer: ObserverConfig = field(default_factory=ObserverConfig)
+    rded: RDEDConfig = field(default_factory=RDEDConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """task=tune: the Ray Tune sweep (search space, ASHA, resources per trial)."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -162,7 +173,7 @@ class RunConfig:
             self.pack.out = f"outputs/packed/{self.dataset.name}"
 
 
-TASKS = ("distill", "coreset", "pack")
+TASKS = ("distill", "coreset", "pack", "ddoq", "train_observer", "rded", "tune")
 
 
 def build(cls: type, values: Mapping[str, Any] | None, path: str = "") -> Any:

@@ -124,7 +124,8 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
                    after_report=None, log_dir: str | Path | None = None):
     """Distil cfg's dataset on `num_workers` Ray Train workers (one class shard each).
 
-    Joins a running cluster (address="auto") when there is one, else starts Ray locally.
+    Joins the running cluster when there is one (RAY_ADDRESS or `ray start` on this node),
+    else starts Ray locally.
     max_failures: worker-group restarts from the last checkpoint (Ray's FailureConfig).
     after_report(rank, step): called in each worker after each checkpoint report (fault drills).
     log_dir: rank 0 writes the per-step scalars there (TensorBoard).

@@ -4,6 +4,8 @@
     centroids, assign = kmeans(feats, k=128, seed=0)    # DREAM's clustering of one class
     batch = nearest_distinct(feats, centroids)          # representative real batch (k,)
     init = medoids(feats, k=ipc * factor**2)            # cluster-centre initialisation
+    cents, assign = minibatch_kmeans(latents, k=10, batch_size=1024, niter=100, seed=0)  # DDOQ
+    weights = cluster_masses(assign, k=10)              # points per cluster
 
 Inputs may be torch tensors (any device, any float dtype) or numpy arrays; outputs are numpy
 (float32 centroids, int64 indices) because they index CPU-side data or come straight from
@@ -21,7 +23,18 @@ import faiss
 import numpy as np
 import torch
 
-__all__ = ["FlatIndex", "kmeans", "nearest", "nearest_distinct", "medoids", "use_gpu"]
+__all__ = [
+    "FlatIndex",
+    "cluster_masses",
+    "kmeans",
+    "medoids",
+    "minibatch_kmeans",
+    "nearest",
+    "nearest_distinct",
+    "use_gpu",
+]
+
+KMEANS_INITS = ("kmeans++", "random")
 
 _GPU_MAX_K = 2048  # the largest neighbour count FAISS's GPU indexes return
 
@@ -122,6 +135,140 @@ def kmeans(
     # path and the assignment of all N points (not only a training subsample) is returned.
     _, assign = FlatIndex(centroids, gpu=gpu).search(xs, 1)
     return centroids, assign[:, 0]
+
+
+def _check_k(k, n: int) -> None:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if k > n:
+        raise ValueError(
+            f"cannot make k={k} clusters from {n} points: k must be <= the number of points"
+        )
+
+
+def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of k distinct rows chosen by k-means++ (D² sampling), in float64.
+
+    Distances to the nearest chosen centre are kept per row and lowered by one (N, D) pass per
+    new centre, so this is O(N·k·D) time and O(N) extra memory.
+    """
+    n = x.shape[0]
+    x64 = x.astype(np.float64, copy=False)
+    chosen = [int(rng.integers(n))]
+    d_min = ((x64 - x64[chosen[0]]) ** 2).sum(1)
+    for _ in range(k - 1):
+        d = d_min.copy()
+        d[chosen] = 0.0
+        total = d.sum()
+        if total > 0:
+            nxt = int(rng.choice(n, p=d / total))
+        else:  # fewer distinct rows than k: any unused row (a duplicate) will do
+            free = np.setdiff1d(np.arange(n), chosen)
+            nxt = int(free[rng.integers(len(free))])
+        chosen.append(nxt)
+        d_min = np.minimum(d_min, ((x64 - x64[nxt]) ** 2).sum(1))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def minibatch_kmeans(
+    x,
+    k: int,
+    batch_size: int = 1024,
+    niter: int = 100,
+    seed: int = 0,
+    init: str = "kmeans++",
+    final_mean: bool = True,
+    gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mini-batch k-means (Sculley 2010) of the rows of x (N, D) -> (centroids float32 (k, D),
+    assignment int64 (N,) of every row to its nearest final centroid).
+
+    Each of `niter` steps draws `batch_size` distinct rows (seeded), assigns them to their
+    nearest centroid with an exact FAISS search, and moves every centroid to the running mean
+    of all rows ever assigned to it: c_j <- c_j + (s_j - m_j·c_j) / v_j, where the batch gave
+    centroid j m_j rows summing to s_j and v_j counts all rows it has received. This is the
+    per-sample learning rate 1/v_j of competitive-learning vector quantisation (CLVQ), the
+    algorithm DDOQ uses, applied a mini-batch at a time. Centroids that receive no row stay
+    where they were initialised (on a data row, so never far from the data).
+
+    init: 'kmeans++' (D² sampling over all rows) or 'random' (k distinct random rows).
+    final_mean: finish with one full pass that moves each centroid to the exact mean of the
+        rows assigned to it, and assign again (so centroids, assignment and masses agree).
+    Deterministic for a fixed seed: all randomness comes from numpy's Generator(seed) and the
+    searches are exact; updates accumulate in float64.
+    """
+    xs = _as_f32(x, "x")
+    n = xs.shape[0]
+    _check_k(k, n)
+    k = int(k)
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(niter, (int, np.integer)) or niter < 1:
+        raise ValueError(f"niter must be a positive int, got {niter!r}")
+    if init not in KMEANS_INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(KMEANS_INITS)}")
+    rng = np.random.default_rng(int(seed))
+    if init == "kmeans++":
+        start = _kmeans_pp(xs, k, rng)
+    else:
+        start = rng.choice(n, size=k, replace=False)
+    cents = xs[start].astype(np.float64)
+    counts = np.zeros(k, dtype=np.float64)
+    b = min(int(batch_size), n)
+    for _ in range(int(niter)):
+        rows = xs[rng.choice(n, size=b, replace=False)] if b < n else xs
+        _, a = FlatIndex(cents, gpu=gpu).search(rows, 1)
+        a = a[:, 0]
+        m = np.bincount(a, minlength=k).astype(np.float64)
+        s = _cluster_sums(rows, a, k)
+        hit = m > 0
+        counts[hit] += m[hit]
+        # Running mean over everything received so far: the 1/v_j learning rate.
+        cents[hit] += (s[hit] - m[hit, None] * cents[hit]) / counts[hit, None]
+    centroids = np.ascontiguousarray(cents, dtype=np.float32)
+    _, assign = FlatIndex(centroids, gpu=gpu).search(xs, 1)
+    assign = assign[:, 0]
+    if final_mean:
+        # One Lloyd step over all rows: each centroid becomes the exact mean of its Voronoi
+        # cell (the fixed-point condition of an optimal quantiser; it never raises the
+        # distortion), then every row is assigned again so masses match the final centroids.
+        m = np.bincount(assign, minlength=k)
+        sums = _cluster_sums(xs, assign, k)
+        hit = m > 0
+        cents = centroids.astype(np.float64)
+        cents[hit] = sums[hit] / m[hit, None]
+        centroids = np.ascontiguousarray(cents, dtype=np.float32)
+        _, a = FlatIndex(centroids, gpu=gpu).search(xs, 1)
+        assign = a[:, 0]
+    return centroids, assign
+
+
+def _cluster_sums(rows: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
+    """float64 (k, D): the sum of the rows assigned to each cluster."""
+    # A sort-and-reduce instead of np.add.at, which is an order of magnitude slower.
+    order = np.argsort(assign, kind="stable")
+    a, r = assign[order], rows[order].astype(np.float64)
+    sums = np.zeros((k, rows.shape[1]), dtype=np.float64)
+    if len(a):
+        starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+        sums[a[starts]] = np.add.reduceat(r, starts, axis=0)
+    return sums
+
+
+def cluster_masses(assignment, k: int) -> np.ndarray:
+    """Rows per cluster, int64 (k,), from an assignment (N,) with values in [0, k).
+
+    DDOQ's weights: the mass each centroid carries of the class's empirical distribution
+    (they sum to N, the class size).
+    """
+    a = np.asarray(assignment.detach().cpu() if isinstance(assignment, torch.Tensor) else assignment)
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"assignment must be a 1-D integer array, got {a.dtype} {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= k):
+        raise ValueError(f"assignment values must lie in [0, {k}), got [{a.min()}, {a.max()}]")
+    return np.bincount(a, minlength=int(k)).astype(np.int64)
 
 
 def nearest(x, queries, n: int = 1, gpu: bool | None = None) -> np.ndarray:

@@ -31,39 +31,97 @@ def conf_dir() -> Path:
 
 
 def compose(overrides: list[str] | None = None):
-    """Compose conf/config.yaml with `overrides` into a validated RunConfig."""
+    """Compose conf/config.yaml with `overrides` into a validated RunConfig.
+
+    `experiment_file=PATH` uses the experiment YAML at PATH (e.g. a sweep's best.yaml) in place
+    of conf/experiment/<name>.yaml; the other overrides still apply on top of it.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     from dream_dist.config import RunConfig, build
 
+    overrides = _experiment_file(list(overrides or []))
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     return build(RunConfig, OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
 
 
+def _experiment_file(overrides: list[str]) -> list[str]:
+    """Turn `experiment_file=PATH` into `experiment=<PATH registered in Hydra's ConfigStore>`."""
+    files = [o for o in overrides if o.startswith("experiment_file=")]
+    if not files:
+        return overrides
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from dream_dist.config import ConfigError
+
+    if len(files) > 1 or any(o.lstrip("+~").startswith("experiment=") for o in overrides):
+        raise ConfigError("experiment_file: give one experiment_file=PATH and no experiment=NAME")
+    path = Path(files[0].split("=", 1)[1]).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"experiment_file: no such file {str(path)!r}")
+    # A ConfigStore entry is an option of the experiment group like the files in conf/experiment,
+    # so Hydra merges it at the same place (its own `defaults:` list included).
+    ConfigStore.instance().store(group="experiment", name="_experiment_file", node=OmegaConf.load(path),
+                                 package="_global_")
+    return [o if o not in files else "experiment=_experiment_file" for o in overrides]
+
+
 # ---------------------------------------------------------------------------- tasks
 
 
+def source_fingerprint(name: str, root: str | None) -> str | None:
+    """A cheap identity of a file-based source: its files' paths, sizes and mtimes (no pixel
+    read). None for sources without a directory (digits), which are checksummed instead."""
+    import hashlib
+
+    from dream_dist.data import default_root
+
+    path = Path(root) if root is not None else default_root(name)
+    if path is None or not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return f"{name}:{h.hexdigest()}"
+
+
 def ensure_packed(cfg) -> Path:
-    """Packed shards of cfg.dataset: the given `dataset.packed`, or packed now into pack.out
-    (reused when an index from the same source content is already there)."""
+    """Packed shards of cfg.dataset: the given `dataset.packed`, or packed now into pack.out.
+
+    A packed copy is reused when its index records the same source: the same file
+    fingerprint (paths, sizes, mtimes: no image is read, which matters for big datasets), or
+    else the same pixel checksum."""
     from dream_dist.data import load_dataset
     from dream_dist.data.shards import checksum, index_path, pack
 
     if cfg.dataset.packed is not None:
         return Path(cfg.dataset.packed)
     out = Path(cfg.pack.out)
+    fp = source_fingerprint(cfg.dataset.name, cfg.dataset.root)
+    idx = {s: index_path(out, s) for s in ("train", "test")}
+    if fp is not None and all(p.exists() and json.loads(p.read_text()).get("source_fingerprint") == fp
+                              for p in idx.values()):
+        return out
     train = load_dataset(cfg.dataset.name, "train", root=cfg.dataset.root)
     test = load_dataset(cfg.dataset.name, "test", root=cfg.dataset.root)
     stats = train.mean_std()
     for split, data in (("train", train), ("test", test)):
-        idx = index_path(out, split)
-        if idx.exists() and json.loads(idx.read_text()).get("source_checksum") == checksum(data):
-            continue
-        pack(data, out, split, source=cfg.dataset.name, encoding=cfg.pack.encoding,
-             max_per_shard=cfg.pack.max_per_shard, mean_std=stats, progress=cfg.progress)
+        p = idx[split]
+        if not (p.exists() and json.loads(p.read_text()).get("source_checksum") == checksum(data)):
+            pack(data, out, split, source=cfg.dataset.name, encoding=cfg.pack.encoding,
+                 max_per_shard=cfg.pack.max_per_shard, mean_std=stats, progress=cfg.progress)
+        if fp is not None:
+            index = json.loads(p.read_text())
+            index["source_fingerprint"] = fp
+            tmp = p.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(index, indent=2))
+            tmp.replace(p)  # atomic: a reader never sees half an index
     return out
 
 
@@ -138,7 +196,32 @@ def run_distill(cfg) -> dict:
     return distill(cfg)
 
 
-TASKS = {"distill": run_distill, "coreset": run_coreset, "pack": run_pack}
+def run_ddoq(cfg) -> dict:
+    from dream_dist.ddoq import run_ddoq as ddoq
+
+    return ddoq(cfg)
+
+
+def run_train_observer(cfg) -> dict:
+    from dream_dist.rded import run_train_observer as train_observer
+
+    return train_observer(cfg)
+
+
+def run_rded(cfg) -> dict:
+    from dream_dist.rded import run_rded as rded
+
+    return rded(cfg)
+
+
+def run_tune(cfg) -> dict:
+    from dream_dist.tune import run_tune as tune
+
+    return tune(cfg)
+
+
+TASKS = {"distill": run_distill, "coreset": run_coreset, "pack": run_pack, "ddoq": run_ddoq,
+         "train_observer": run_train_observer, "rded": run_rded, "tune": run_tune}
 
 
 def main(argv: list[str] | None = None) -> dict:

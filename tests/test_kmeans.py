@@ -36,7 +36,7 @@ def test_kmeans_deterministic_and_accepts_torch():
 
 def test_kmeans_k_equal_n_and_too_large():
     x = np.random.RandomState(0).randn(10, 4)
-    c, a = kmeans(x, 10)
+    _, a = kmeans(x, 10)
     assert sorted(a.tolist()) == list(range(10))
     with pytest.raises(ValueError, match="k=11 clusters from 10 points"):
         kmeans(x, 11)
@@ -101,3 +101,68 @@ def test_medoids_are_distinct_rows():
     np.testing.assert_array_equal(m, medoids(x, 25, seed=0))
     with pytest.raises(ValueError, match="k=201"):
         medoids(x, 201)
+
+
+# ---------------------------------------------------------------------------- mini-batch k-means
+
+
+def uneven_blobs(sizes=(30, 50, 70), d=8, seed=0):
+    rng = np.random.RandomState(seed)
+    centres = np.eye(len(sizes), d) * 20.0
+    x = np.concatenate([c + rng.randn(n, d) for c, n in zip(centres, sizes)]).astype(np.float32)
+    return x, np.repeat(np.arange(len(sizes)), sizes)
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_minibatch_kmeans_centroids_are_blob_means_and_masses_blob_sizes(init):
+    from dream_dist.kmeans import cluster_masses, minibatch_kmeans
+
+    x, truth = uneven_blobs()
+    c, assign = minibatch_kmeans(x, 3, batch_size=16, niter=40, seed=1, init=init)
+    assert c.shape == (3, 8) and c.dtype == np.float32 and assign.dtype == np.int64
+    masses = cluster_masses(assign, 3)
+    for b, size in enumerate((30, 50, 70)):
+        (j,) = set(assign[truth == b].tolist())  # the whole blob lands in one cluster
+        assert masses[j] == size
+        np.testing.assert_allclose(c[j], x[truth == b].mean(0), atol=1e-4)
+    assert masses.sum() == len(x)
+
+
+def test_minibatch_kmeans_deterministic_and_close_to_lloyd():
+    from dream_dist.kmeans import minibatch_kmeans
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(12, 16, generator=g) * 4
+    x = (means.repeat_interleave(50, 0) + torch.randn(600, 16, generator=g)).numpy()
+    c1, a1 = minibatch_kmeans(x, 12, batch_size=64, niter=60, seed=5)
+    c2, a2 = minibatch_kmeans(torch.from_numpy(x).double(), 12, batch_size=64, niter=60, seed=5)
+    np.testing.assert_array_equal(c1, c2)
+    np.testing.assert_array_equal(a1, a2)
+    c3, _ = minibatch_kmeans(x, 12, batch_size=64, niter=60, seed=6)
+    assert not np.array_equal(c1, c3)
+
+    def inertia(c, a):
+        return float(((x - c[a]) ** 2).sum(1).mean())
+
+    # Each point is assigned to its nearest final centroid, and the distortion is within 10%
+    # of FAISS's full-batch Lloyd k-means on the same data.
+    np.testing.assert_array_equal(a1, ((x[:, None] - c1[None]) ** 2).sum(2).argmin(1))
+    ck, ak = kmeans(x, 12, niter=50, seed=5)
+    assert inertia(c1, a1) <= 1.1 * inertia(ck, ak)
+
+
+def test_minibatch_kmeans_and_masses_reject_bad_input():
+    from dream_dist.kmeans import cluster_masses, minibatch_kmeans
+
+    x = np.random.RandomState(0).randn(10, 4)
+    with pytest.raises(ValueError, match="k=11 clusters from 10 points"):
+        minibatch_kmeans(x, 11)
+    with pytest.raises(ValueError, match="batch_size"):
+        minibatch_kmeans(x, 2, batch_size=0)
+    with pytest.raises(ValueError, match="unknown init"):
+        minibatch_kmeans(x, 2, init="forgy")
+    # Duplicated rows: k-means++ still returns k distinct initial rows, masses still sum to N.
+    _, a = minibatch_kmeans(np.zeros((6, 3)), 4, niter=3)
+    assert cluster_masses(a, 4).sum() == 6
+    with pytest.raises(ValueError, match=r"lie in \[0, 2\)"):
+        cluster_masses(np.array([0, 2]), 2)

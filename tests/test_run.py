@@ -16,7 +16,9 @@ EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes(name):
     cfg = compose([f"experiment={name}"])
-    assert cfg.task in ("distill", "coreset", "pack")
+    from dream_dist.config import TASKS
+
+    assert cfg.task in TASKS
     if cfg.task == "distill":
         from dream_dist.distill.task import resolve
 
@@ -86,3 +88,36 @@ def test_pack_task(tmp_path):
     main(["task=pack", f"pack.out={tmp_path}", "progress=false"])
     idx = json.loads(Path(tmp_path, "index-train.json").read_text())
     assert idx["source"] == "digits" and sum(idx["counts"]) == 1437
+
+
+def test_ensure_packed_reuses_a_packed_copy_without_reading_the_source(tmp_path, monkeypatch):
+    """A file-based source whose files are unchanged is not read again (fingerprint of paths,
+    sizes and mtimes); changing a file repacks."""
+    import numpy as np
+    from PIL import Image
+
+    import dream_dist.data as data
+    from dream_dist.run import ensure_packed
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "src" / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / "src" / split / c / f"{i}.png")
+    cfg = compose(["dataset=imagefolder", f"dataset.root={tmp_path / 'src'}", f"pack.out={tmp_path / 'packed'}",
+                   "progress=false"])
+    reads = []
+    real_load = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: reads.append(a) or real_load(*a, **k))
+    out = ensure_packed(cfg)
+    assert len(reads) == 2  # train + test read once to pack
+    assert ensure_packed(cfg) == out and len(reads) == 2  # unchanged: no read at all
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "src" / "train" / "a" / "0.png")
+    ensure_packed(cfg)
+    assert len(reads) == 4  # a changed file: read and checked again
+    from dream_dist.data.shards import PackedReader
+
+    assert torch.equal(PackedReader(out, "train").load_classes([0]).images[0],
+                       real_load("imagefolder", "train", root=tmp_path / "src").images[0])
