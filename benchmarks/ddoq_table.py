@@ -137,7 +137,8 @@ def main() -> None:
     table += (f"\n\nProtocol: ConvNet-3 (ConvNet-4 at 64 px) w{args.width or 128}, {args.epochs} epochs x {args.runs} runs, DC schedule + "
               f"DSA, last epoch; ddoq rows train with the cluster masses as weights. Soft rows: labels "
               f"softmax(observer/T), T={args.temperature}, observer ConvNet-3 w{args.observer_width} "
-              f"{args.observer_epochs} epochs; not comparable with hard rows. Autoencoder: {args.ae_epochs} epochs. "
+              f"{args.observer_epochs} epochs; not comparable with hard rows. Autoencoder: {args.ae_epochs} epochs, "
+              f"width 32, 4 latent channels. "
               f"k-means: {args.kmeans_iters} steps of {args.kmeans_batch}. Published: DREAM+ paper Table I "
               f"(1000 epochs, mean of 5); no DDOQ numbers exist for these datasets.")
     save(args.name, {"epochs": args.epochs, "runs": args.runs, "args": vars(args), "rows": rows}, table)
