@@ -120,6 +120,20 @@ def train_loop_per_worker(config: dict) -> None:
         writer.close()
 
 
+def ensure_ray() -> None:
+    """Join the running Ray cluster, else start Ray on this machine; nothing when Ray is up.
+
+    Plain `ray.init()` joins the cluster of RAY_ADDRESS or of `ray start` on this node (what
+    `ray submit` and `ray job submit` give) and starts a local Ray otherwise. We do not pass
+    address="auto": it fails when there is no cluster, and on a shared machine it can attach
+    to any Ray process it finds (someone else's test instance).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+
+
 def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | Path | None = None,
                    after_report=None, log_dir: str | Path | None = None):
     """Distil cfg's dataset on `num_workers` Ray Train workers (one class shard each).
@@ -131,7 +145,6 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
     log_dir: rank 0 writes the per-step scalars there (TensorBoard).
     Returns (stored images, labels, ray.train.Result).
     """
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -140,11 +153,7 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
 
     dcfg = resolve(cfg)
     root = ensure_packed(cfg)
-    if not ray.is_initialized():
-        # Plain init joins the cluster of RAY_ADDRESS or of `ray start` on this node (what
-        # `ray submit` / `ray job submit` give) and starts a local Ray otherwise. address="auto"
-        # would instead fail, or attach to any Ray process found on the machine.
-        ray.init(log_to_driver=False)
+    ensure_ray()
     storage = Path(storage or Path(cfg.out_dir) / "ray").resolve()
     use_gpu = cfg.device.startswith("cuda")
     trainer = TorchTrainer(

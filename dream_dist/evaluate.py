@@ -46,6 +46,7 @@ __all__ = [
     "train_network",
     "test_accuracy",
     "evaluate_run",
+    "decode_set",
     "evaluate",
 ]
 
@@ -383,6 +384,27 @@ def evaluate_run(
     return acc, losses
 
 
+def decode_set(images: Tensor, labels: Tensor, factor: int, soft_labels: Tensor | None = None,
+               weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(training images, targets, weights) of a stored set after multi-formation decoding.
+
+    Targets are the soft labels when given, else the labels; every decoded image repeats the
+    label, soft label and weight of the stored image it came from.
+    """
+    images = images.detach()
+    if factor > 1:
+        # decode_labels of 0..N-1 says which stored image each decoded image came from, so soft
+        # labels and weights follow exactly the ordering `decode` uses.
+        src = decode_labels(torch.arange(images.shape[0]), factor)
+        images = decode(images, factor)
+        if images.shape[0] != src.shape[0]:
+            raise RuntimeError("decode and decode_labels disagree on the decoded count")
+        labels = labels[src]
+        soft_labels = soft_labels[src] if soft_labels is not None else None
+        weights = weights[src] if weights is not None else None
+    return images, (soft_labels if soft_labels is not None else labels), weights
+
+
 def evaluate(
     images: Tensor,
     labels: Tensor,
@@ -418,18 +440,7 @@ def evaluate(
         raise ValueError(f"weights must have shape ({n},) (one per stored image), got "
                          f"{tuple(weights.shape)}")
 
-    images = images.detach()
-    if factor > 1:
-        # decode_labels of 0..N-1 says which stored image each decoded image came from, so soft
-        # labels and weights follow exactly the ordering `decode` uses.
-        src = decode_labels(torch.arange(n), factor)
-        images = decode(images, factor)
-        if images.shape[0] != src.shape[0]:
-            raise RuntimeError("decode and decode_labels disagree on the decoded count")
-        labels = labels[src]
-        soft_labels = soft_labels[src] if soft_labels is not None else None
-        weights = weights[src] if weights is not None else None
-    targets = soft_labels if soft_labels is not None else labels
+    images, targets, weights = decode_set(images, labels, factor, soft_labels, weights)
 
     config = {**dataclasses.asdict(cfg), "factor": factor}
     accs: list[float] = []

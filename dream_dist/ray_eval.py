@@ -11,7 +11,7 @@ One Ray task per (architecture, run). Run i of a config trains with seed cfg.see
 as the sequential evaluation's, only sooner. The (decoded) training set and the test set go
 into the object store once and every task reads them from there.
 
-Joins a running cluster (address="auto") when there is one, else starts Ray on this machine.
+Joins the running cluster when there is one, else starts Ray on this machine (`ensure_ray`).
 """
 from __future__ import annotations
 
@@ -24,36 +24,8 @@ import torch
 from torch import Tensor
 
 from dream_dist.data.base import ImageSet
-from dream_dist.evaluate import EvalConfig, EvalResult, _check_set, evaluate_run
-from dream_dist.formation import decode, decode_labels
-
-
-def ensure_ray() -> None:
-    """Join a running Ray cluster, else start one locally; nothing when Ray is already up."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(address="auto", log_to_driver=False)
-    except ConnectionError:  # no cluster to join: start one on this machine
-        ray.init(log_to_driver=False)
-
-
-def _decoded(images: Tensor, labels: Tensor, factor: int, soft_labels: Tensor | None,
-             weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(training images, targets, weights) after multi-formation decoding, in the order
-    `evaluate` uses, so run i sees exactly the tensors it sees in `evaluate`."""
-    # Mirrors the decoding block of dream_dist.evaluate.evaluate (decode_labels of 0..N-1 says
-    # which stored image each decoded image came from, so labels/soft labels/weights follow).
-    images = images.detach()
-    if factor > 1:
-        src = decode_labels(torch.arange(images.shape[0]), factor)
-        images = decode(images, factor)
-        labels = labels[src]
-        soft_labels = soft_labels[src] if soft_labels is not None else None
-        weights = weights[src] if weights is not None else None
-    return images, (soft_labels if soft_labels is not None else labels), weights
+from dream_dist.distributed import ensure_ray
+from dream_dist.evaluate import EvalConfig, EvalResult, _check_set, decode_set, evaluate_run
 
 
 def _run_task(images, targets, weights, test, mean, std, cfg: EvalConfig, run: int, threads: int,
@@ -119,7 +91,7 @@ def evaluate_on_ray(
         raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
 
     ensure_ray()
-    train_x, targets, w = _decoded(images, labels, factor, soft_labels, weights)
+    train_x, targets, w = decode_set(images, labels, factor, soft_labels, weights)
     # Into the object store once; every task gets a reference, not its own copy.
     refs = [ray.put(v) for v in (train_x, targets, w, test, list(mean), list(std))]
     task = ray.remote(_run_task).options(num_cpus=num_cpus, num_gpus=num_gpus)

@@ -23,7 +23,7 @@ The evaluation is online KD from the observer (dream_dist.kd), which relabels ev
 crop again, i.e. region-level labels.
 
 Classes fan out over Ray tasks with `rded.workers > 0` (one task per group of classes,
-`ray.init(address="auto")`, else a local Ray); every random draw is keyed by (seed, class)
+joins the running cluster, else starts a local Ray); every random draw is keyed by (seed, class)
 with dream_dist.seeding.derive_seed, so the set is the same with or without Ray.
 """
 from __future__ import annotations
@@ -257,12 +257,9 @@ def distill_classes(packed: str | Path, classes: list[int], counts: list[int], o
         import ray
 
         from dream_dist.distill.engine import balance_classes
+        from dream_dist.distributed import ensure_ray
 
-        if not ray.is_initialized():
-            try:
-                ray.init(address="auto", log_to_driver=False)
-            except ConnectionError:  # no running cluster: start a local one
-                ray.init(log_to_driver=False)
+        ensure_ray()
         groups = balance_classes(counts, min(cfg.workers, len(classes)), classes)
         task = ray.remote(num_cpus=1)(_distill_group)
         obs_ref = ray.put(copy.deepcopy(observer).cpu())  # tasks run on CPU workers

@@ -406,7 +406,7 @@ def run_tune(cfg) -> dict:
 
     from dream_dist.config import ConfigError
     from dream_dist.distill.task import prepare
-    from dream_dist.ray_eval import ensure_ray
+    from dream_dist.distributed import ensure_ray
     from dream_dist.run import ensure_packed
 
     tcfg = cfg.tune

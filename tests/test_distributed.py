@@ -94,6 +94,7 @@ def test_cli_dispatches_to_ray_workers(local_ray, reference, tmp_path):
     out = tmp_path / "run"
     summary = main([*args, f"out_dir={out}", "distill.workers=2"])
     assert summary["metrics"]["workers"] == 2
+    assert (out / "tb" / "dream_plus" / "run0").is_dir()  # evaluation logs (Ray tasks write the same layout)
     got = load_distilled(out / "distilled.pt").stored
     torch.testing.assert_close(got.images, ref.images, rtol=1e-5, atol=1e-5)
     assert json.loads((out / "results.json").read_text())["rows"][0]["method"] == "dream_plus"

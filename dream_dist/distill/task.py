@@ -188,9 +188,19 @@ def finish(cfg, p: Prepared, images: torch.Tensor, labels: torch.Tensor, metrics
     path = save_distilled(out / "distilled.pt", images, labels, dcfg.factor, p.reader.classes, p.mean, p.std,
                           config={"run": dataclasses.asdict(cfg), "distill": dataclasses.asdict(dcfg)},
                           metrics=metrics)
+    def measure(imgs: torch.Tensor, labs: torch.Tensor, factor: int, name: str):
+        if not cfg.distill.workers:
+            return evaluate(imgs, labs, p.test, p.mean, p.std, cfg.eval, factor=factor, log_dir=out,
+                            name=name, progress=cfg.progress)
+        # A Ray run evaluates on Ray too: the runs are independent tasks scheduled over the cluster.
+        from dream_dist.ray_eval import evaluate_on_ray
+
+        gpus = 1 if cfg.eval.device.startswith("cuda") else 0
+        return evaluate_on_ray(imgs, labs, p.test, p.mean, p.std, [cfg.eval], factor=factor, num_gpus=gpus,
+                               log_dir=out, names=[name], progress=cfg.progress)[name]
+
     rows = []
-    res = evaluate(images, labels, p.test, p.mean, p.std, cfg.eval, factor=dcfg.factor, log_dir=out,
-                   name=cfg.distill.method, progress=cfg.progress)
+    res = measure(images, labels, dcfg.factor, cfg.distill.method)
     rows.append({"method": cfg.distill.method, "ipc": dcfg.ipc, **res.to_dict(),
                  "published": published(cfg.dataset.name, cfg.distill.method, dcfg.ipc)})
     if cfg.distill.baseline:
@@ -201,8 +211,7 @@ def finish(cfg, p: Prepared, images: torch.Tensor, labels: torch.Tensor, metrics
                          torch.tensor(p.classes).repeat_interleave(torch.tensor([p.counts_all[c] for c in p.classes])),
                          list(p.reader.classes))
         core = build_coreset("random", train, dcfg.ipc, seed=cfg.seed)
-        base = evaluate(normalize(core.images, p.mean, p.std), core.labels, p.test, p.mean, p.std, cfg.eval,
-                        log_dir=out, name="random_coreset", progress=cfg.progress)
+        base = measure(normalize(core.images, p.mean, p.std), core.labels, 1, "random_coreset")
         rows.append({"method": "random coreset", "ipc": dcfg.ipc, **base.to_dict(),
                      "published": published(cfg.dataset.name, "random", dcfg.ipc)})
     where = f"{metrics['workers']} Ray workers" if metrics.get("workers") else "in-process"
