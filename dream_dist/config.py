@@ -139,7 +139,7 @@ class DistillRunConfig:
 @dataclass
 class RunConfig:
     task: str = "distill"
-    """What to run: distill, coreset, pack."""
+    """What to run: distill, coreset, pack, train_observer, rded, ddoq, tune."""
     seed: int = 0
     """Seed of everything random in the run."""
     out_dir: str | None = None

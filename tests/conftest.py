@@ -56,6 +56,21 @@ def digits():
     return load_dataset("digits", split="train"), load_dataset("digits", split="test")
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance per test module (Ray's testing advice: start once, share).
+
+    address="local" starts a fresh instance: never a cluster that someone else started on
+    this machine with `ray start`.
+    """
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 # Tests use tiny models, where one thread is as fast as two and immune to oversubscription
 # when the 2-core machine is shared (torch's 2 threads under load ran 10x slower).
 torch.set_num_threads(1)

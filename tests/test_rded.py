@@ -119,12 +119,6 @@ def packed_digits(tmp_path_factory):
     return ensure_packed(compose([f"pack.out={out}", "progress=false"]))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def test_ray_tasks_give_the_same_set(packed_digits, local_ray):

@@ -28,12 +28,6 @@ SWEEP = ["task=tune", "tune.num_samples=4", "tune.report_every=2", "tune.max_con
 TOTAL = 4
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    # address="local": a fresh instance, never a cluster someone else started on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
