@@ -250,5 +250,12 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def cli() -> int:
+    """The `dream-dist` console script: exit status 0 on success. (Its wrapper calls
+    sys.exit(cli()); returning main()'s result dict would print it and exit with status 1.)"""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()

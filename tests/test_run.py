@@ -121,3 +121,14 @@ def test_ensure_packed_reuses_a_packed_copy_without_reading_the_source(tmp_path,
 
     assert torch.equal(PackedReader(out, "train").load_classes([0]).images[0],
                        real_load("imagefolder", "train", root=tmp_path / "src").images[0])
+
+
+def test_console_script_exits_zero(monkeypatch, capsys):
+    """`dream-dist` is sys.exit(cli()): it must return 0, not the result dict (status 1)."""
+    import sys
+
+    from dream_dist.run import cli
+
+    monkeypatch.setattr(sys, "argv", ["dream-dist", "--help"])
+    assert cli() == 0
+    assert "dream-dist" in capsys.readouterr().out
