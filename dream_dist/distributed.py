@@ -135,7 +135,7 @@ def ensure_ray() -> None:
 
 
 def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | Path | None = None,
-                   after_report=None, log_dir: str | Path | None = None):
+                   after_report=None, log_dir: str | Path | None = None, packed: str | Path | None = None):
     """Distil cfg's dataset on `num_workers` Ray Train workers (one class shard each).
 
     Joins the running cluster when there is one (RAY_ADDRESS or `ray start` on this node),
@@ -143,6 +143,7 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
     max_failures: worker-group restarts from the last checkpoint (Ray's FailureConfig).
     after_report(rank, step): called in each worker after each checkpoint report (fault drills).
     log_dir: rank 0 writes the per-step scalars there (TensorBoard).
+    packed: the packed shards when the caller has them already (else packed / checked here).
     Returns (stored images, labels, ray.train.Result).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -152,7 +153,7 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
     from dream_dist.run import ensure_packed
 
     dcfg = resolve(cfg)
-    root = ensure_packed(cfg)
+    root = packed if packed is not None else ensure_packed(cfg)
     ensure_ray()
     storage = Path(storage or Path(cfg.out_dir) / "ray").resolve()
     use_gpu = cfg.device.startswith("cuda")

@@ -47,6 +47,7 @@ __all__ = [
     "test_accuracy",
     "evaluate_run",
     "decode_set",
+    "epoch_batches",
     "evaluate",
 ]
 
@@ -202,6 +203,16 @@ def _normalised_weights(weights: Tensor | None, n: int) -> Tensor | None:
     return w / w.mean()
 
 
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """One epoch's shuffled index batches. A last batch of one is folded into the previous
+    one: a batch of one breaks BatchNorm in train mode."""
+    batches = list(torch.randperm(n, generator=generator).split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] = torch.cat(batches[-2:])
+        batches.pop()
+    return batches
+
+
 def train_network(
     model: nn.Module,
     images: Tensor,
@@ -241,13 +252,8 @@ def train_network(
         opt, lambda e: _lr_factor(cfg.schedule, e, cfg.epochs))
     losses: list[float] = []
     for _ in range(cfg.epochs):
-        batches = list(torch.randperm(n, generator=g).split(cfg.batch_size))
-        if len(batches) > 1 and len(batches[-1]) == 1:
-            # A batch of one breaks BatchNorm in train mode; fold it into the previous one.
-            batches[-2] = torch.cat(batches[-2:])
-            batches.pop()
         total = 0.0
-        for b in batches:
+        for b in epoch_batches(n, cfg.batch_size, g):
             b = b.to(device)
             x, t = images[b], soft[b]
             if dsa is not None:

@@ -38,8 +38,14 @@ from tqdm.auto import tqdm
 
 from dream_dist.augment import cutmix
 from dream_dist.data.base import ImageSet
-from dream_dist.evaluate import EvalResult, _check_set, _lr_factor, test_accuracy
-from dream_dist.formation import decode, decode_labels
+from dream_dist.evaluate import (
+    EvalResult,
+    _check_set,
+    _lr_factor,
+    decode_set,
+    epoch_batches,
+    test_accuracy,
+)
 from dream_dist.models import MODELS, NORMS, build_model
 from dream_dist.seeding import derive_seed
 
@@ -251,12 +257,8 @@ def train_student(student: nn.Module, teacher: nn.Module, images: Tensor, num_cl
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: _lr_factor("cosine", e, cfg.epochs))
     losses: list[float] = []
     for _ in range(cfg.epochs):
-        batches = list(torch.randperm(n, generator=g).split(bs))
-        if len(batches) > 1 and len(batches[-1]) == 1:
-            batches[-2] = torch.cat(batches[-2:])  # a batch of one breaks BatchNorm students
-            batches.pop()
         total = 0.0
-        for b in batches:
+        for b in epoch_batches(n, bs, g):
             x = augment(images[b.to(device)], cfg, g)
             if cfg.cutmix_prob > 0:
                 x, _ = cutmix(x, dummy[: len(b)], beta=cfg.cutmix_beta, prob=cfg.cutmix_prob,
@@ -302,8 +304,7 @@ def evaluate_kd(
     if observer_out != test.num_classes:
         raise ValueError(f"the observer has {observer_out} outputs but the test set has "
                          f"{test.num_classes} classes")
-    if factor > 1:
-        images, labels = decode(images.detach(), factor), decode_labels(labels, factor)
+    images, labels, _ = decode_set(images, labels, factor)
     config = {**dataclasses.asdict(cfg), "factor": factor, "protocol": "kd"}
     accs: list[float] = []
     final_losses: list[float] = []

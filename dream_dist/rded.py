@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dream_dist.data.base import normalize
+from dream_dist.data.base import ImageSet, normalize
 from dream_dist.formation import decode
 from dream_dist.kd import random_resized_crop
 from dream_dist.observer import soft_labels
@@ -245,14 +245,25 @@ def _distill_group(packed: str, classes: list[int], observer: nn.Module, mean, s
 
 def distill_classes(packed: str | Path, classes: list[int], counts: list[int], observer: nn.Module,
                     mean, std, cfg: RDEDConfig, factor: int, seed: int = 0,
-                    progress: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                    progress: bool = True, loaded: ImageSet | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """All classes, in-process (cfg.workers == 0) or over Ray tasks -> (images (IPC·|classes|,
-    C, H, W) normalised, labels, crop scores (|classes|, IPC·f²)), class-major."""
+    C, H, W) normalised, labels, crop scores (|classes|, IPC·f²)), class-major.
+
+    loaded: the train split when the caller has already read it; the in-process path then takes
+    each class from it instead of decoding its shards a second time (Ray tasks always read
+    their own classes' shards)."""
     packed = str(Path(packed).resolve())
     results: dict[int, tuple[Tensor, Tensor]] = {}
     if cfg.workers == 0:
+        if loaded is not None:
+            def class_images(c: int) -> Tensor:
+                return loaded.images[loaded.labels == c]
+        else:
+            from dream_dist.data.shards import PackedReader
+
+            class_images = PackedReader(packed, "train").load_class
         for c in tqdm(classes, desc="rded classes", disable=None if progress else True):
-            results.update(_distill_group(packed, [c], observer, mean, std, cfg, factor, seed))
+            results[c] = distill_class(class_images(c), c, observer, mean, std, cfg, factor, seed)
     else:
         import ray
 
@@ -306,7 +317,7 @@ def run_rded(cfg) -> dict:
 
     start = time.perf_counter()
     images, labels, scores = distill_classes(root, classes, counts_all, observer, mean, std, rcfg,
-                                             factor, seed=cfg.seed, progress=cfg.progress)
+                                             factor, seed=cfg.seed, progress=cfg.progress, loaded=train)
     soft = relabel(observer, images, factor, rcfg.relabel, rcfg.label_temperature, rcfg.batch_size)
     distill_seconds = time.perf_counter() - start
     metrics = {"distill_seconds": distill_seconds, "factor": factor, "observer": obs_info,

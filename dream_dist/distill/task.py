@@ -154,7 +154,8 @@ def _distill_on_ray(cfg, p: Prepared, out: Path):
 
     start = time.perf_counter()
     images, labels, result = distill_on_ray(cfg, cfg.distill.workers, max_failures=cfg.distill.max_failures,
-                                            storage=out / "ray", log_dir=out / "tb" / "distill")
+                                            storage=out / "ray", log_dir=out / "tb" / "distill",
+                                            packed=p.reader.root)
     metrics = {"distill_seconds": time.perf_counter() - start, "startup_seconds": 0.0,
                "steps": result.metrics["step"], "workers": cfg.distill.workers}
     return images, labels, metrics
