@@ -36,7 +36,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "rotate": ("rotate",),
 }
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
-MODES = ("S", "M")
+MODES = ("S", "M", "I")
+# Groups that IDC's DiffAug applies on every call instead of drawing them ("I" mode).
+_IDC_ALWAYS_FIRST = ("flip", "color")
 
 
 @dataclass
@@ -108,8 +110,13 @@ class DSA:
     cutout_ratio: side of the zeroed box as a fraction of the size.
     strategy: groups joined by '_' (color, crop, cutout, flip, scale, rotate); '' or 'none'
         applies nothing.
-    mode: 'S' picks ONE group uniformly per draw (the public default), 'M' applies all groups
-        in order.
+    mode: 'S' picks ONE group uniformly per draw (the public DSA default), 'M' applies all
+        groups in order, 'I' follows IDC's DiffAug (Kim et al. 2022, augment.py): flip and
+        colour on every call, then ONE of the remaining geometric groups (crop, scale,
+        rotate), then cutout on every call — each only when the strategy names it.
+    align_corners: of the affine grid of scale/rotate. True as the public DSA code; IDC's
+        DiffAug calls affine_grid/grid_sample with torch's default (False). None = False in
+        mode 'I', True otherwise.
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class DSA:
         cutout_ratio: float = 0.5,
         strategy: str = DEFAULT_STRATEGY,
         mode: str = "S",
+        align_corners: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"DSA mode must be one of {MODES}, got {mode!r}")
@@ -144,6 +152,7 @@ class DSA:
         self.cutout_ratio = cutout_ratio
         self.strategy = strategy
         self.mode = mode
+        self.align_corners = (mode != "I") if align_corners is None else bool(align_corners)
         self.groups = self.parse_strategy(strategy)
 
     @staticmethod
@@ -163,6 +172,11 @@ class DSA:
     def __repr__(self) -> str:
         return f"DSA(strategy={self.strategy!r}, mode={self.mode!r})"
 
+    @classmethod
+    def idc(cls, strategy: str) -> "DSA":
+        """IDC's DiffAug with the given strategy (e.g. 'color_crop_cutout')."""
+        return cls(strategy=strategy, mode="I")
+
     # ------------------------------------------------------------------ sampling
 
     def sample(
@@ -172,13 +186,16 @@ class DSA:
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
         per_sample: bool = False,
+        groups: tuple[str, ...] | None = None,
     ) -> DSAParams:
         """Draw parameters for n images of `size` (int or (H, W)).
 
         per_sample=False draws ONE value per operation (leading dim 1), shared by any batch
         it is applied to; per_sample=True draws one per image (leading dim n). Randomness
         comes only from `generator` when given (else torch's global RNG), on the generator's
-        device; the values are then moved to `device`.
+        device; the values are then moved to `device`. groups: the groups to draw values for,
+        when the caller chose them already (`choose_groups`), e.g. one choice shared by the
+        parts of a batch that are augmented separately.
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -192,13 +209,48 @@ class DSA:
         def randint(low: int, high: int, *shape: int) -> Tensor:
             return torch.randint(low, high, shape, generator=generator, device=gdev)
 
+        if groups is None:
+            groups = self.choose_groups(generator)
+        else:
+            unknown = [g for g in groups if g not in GROUPS]
+            if unknown:
+                raise ValueError(f"unknown DSA group(s) {unknown}; allowed: {', '.join(GROUPS)}")
+        vals = self._draw(groups, m, h, w, generator)
+        params = DSAParams(groups=tuple(groups), size=(h, w), **vals)
+        return params.to(device) if device is not None else params
+
+    def choose_groups(self, generator: torch.Generator | None = None) -> tuple[str, ...]:
+        """The groups one call applies, drawn as the mode says (the only draw that is shared
+        by every image of a call, even per_sample)."""
+        gdev = generator.device if generator is not None else torch.device("cpu")
+
+        def randint(low: int, high: int) -> int:
+            return int(torch.randint(low, high, (1,), generator=generator, device=gdev).item())
+
         if not self.groups:
             groups: tuple[str, ...] = ()
         elif self.mode == "S":
             # One group per draw, shared by all images even when per_sample: as DiffAugment.
-            groups = (self.groups[int(randint(0, len(self.groups), 1).item())],)
+            groups = (self.groups[randint(0, len(self.groups))],)
+        elif self.mode == "I":
+            # IDC's DiffAug: the geometric op is chosen once per call, even per_sample.
+            first = tuple(g for g in _IDC_ALWAYS_FIRST if g in self.groups)
+            rest = tuple(g for g in self.groups if g not in _IDC_ALWAYS_FIRST and g != "cutout")
+            pick = (rest[randint(0, len(rest))],) if rest else ()
+            groups = first + pick + (("cutout",) if "cutout" in self.groups else ())
         else:
             groups = self.groups
+        return groups
+
+    def _draw(self, groups: tuple[str, ...], m: int, h: int, w: int,
+              generator: torch.Generator | None) -> dict[str, Tensor]:
+        gdev = generator.device if generator is not None else torch.device("cpu")
+
+        def rand(*shape: int) -> Tensor:
+            return torch.rand(*shape, generator=generator, device=gdev)
+
+        def randint(low: int, high: int, *shape: int) -> Tensor:
+            return torch.randint(low, high, shape, generator=generator, device=gdev)
 
         vals: dict[str, Tensor] = {}
         for g in groups:
@@ -223,8 +275,7 @@ class DSA:
                 vals["cutout"] = torch.stack(
                     [randint(0, h + (1 - ch % 2), m), randint(0, w + (1 - cw % 2), m)], 1
                 )
-        params = DSAParams(groups=groups, size=(h, w), **vals)
-        return params.to(device) if device is not None else params
+        return vals
 
     # ------------------------------------------------------------------ applying
 
@@ -297,13 +348,13 @@ class DSA:
         out = xp.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]
         return out.permute(0, 3, 1, 2)
 
-    @staticmethod
-    def _affine(x: Tensor, theta: Tensor) -> Tensor:
-        # align_corners=True as in the public code: then an identity theta samples exactly at
-        # pixel centres, so scale 1 / rotation 0 reproduce the input.
+    def _affine(self, x: Tensor, theta: Tensor) -> Tensor:
+        # align_corners=True as in the public DSA code (an identity theta then samples exactly
+        # at pixel centres); IDC's DiffAug uses torch's default, False.
         theta = theta.to(x.dtype).expand(x.shape[0], 2, 3)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=True)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=self.align_corners)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=self.align_corners)
 
     def _scale(self, x: Tensor, v: Tensor) -> Tensor:
         sx, sy = v[:, 0], v[:, 1]
@@ -333,6 +384,56 @@ class DSA:
         return x * keep[:, None].to(x.dtype)
 
 
+def remove_groups(strategy: str, *groups: str) -> str:
+    """`strategy` without the named groups, as IDC's remove_aug ('' when nothing is left)."""
+    return "_".join(g for g in strategy.split("_") if g and g not in groups)
+
+
+@dataclass
+class CutMixDraw:
+    """One CutMix draw for a batch of n images: image i gets box (y1:y2, x1:x2) from perm[i]."""
+
+    perm: Tensor
+    box: tuple[int, int, int, int]
+    """(y1, y2, x1, x2) after clipping at the borders."""
+    area: float
+    """Fraction of the image the box covers (the pasted label's weight)."""
+
+    def mask(self, h: int, w: int, dtype=torch.float32, device=None) -> Tensor:
+        y1, y2, x1, x2 = self.box
+        m = torch.zeros(1, 1, h, w, dtype=dtype, device=device)
+        m[..., y1:y2, x1:x2] = 1
+        return m
+
+
+def cutmix_draw(n: int, h: int, w: int, beta: float = 1.0, prob: float = 0.5,
+                generator: torch.Generator | None = None) -> CutMixDraw | None:
+    """Draw CutMix for a batch of n h×w images; None when this batch is not mixed (1 − prob).
+
+    λ ~ Beta(β, β); a box of side sqrt(1 − λ) × (h, w) at a uniform centre, clipped at the
+    borders; a uniform permutation gives each image its partner (IDC's rand_bbox and
+    random_indices)."""
+    if beta <= 0:
+        raise ValueError(f"cutmix beta must be > 0, got {beta}")
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"cutmix prob must lie in [0, 1], got {prob}")
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    if torch.rand(1, generator=generator, device=gdev).item() >= prob:
+        return None
+    # torch's Beta sampler takes no generator; seed numpy's from the torch stream instead so
+    # a seeded generator still makes the whole call reproducible.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gdev).item())
+    lam = float(np.random.default_rng(seed).beta(beta, beta))
+    cut = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(h * cut), int(w * cut)
+    cy = int(torch.randint(0, h, (1,), generator=generator, device=gdev).item())
+    cx = int(torch.randint(0, w, (1,), generator=generator, device=gdev).item())
+    y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+    x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    perm = torch.randperm(n, generator=generator, device=gdev)
+    return CutMixDraw(perm, (y1, y2, x1, x2), (y2 - y1) * (x2 - x1) / (h * w))
+
+
 def cutmix(
     x: Tensor,
     targets: Tensor,
@@ -355,29 +456,71 @@ def cutmix(
             f"cutmix expects soft targets (N, K) with N={x.shape[0]}, got shape "
             f"{tuple(targets.shape)}; for class ids use F.one_hot(labels, K).float()"
         )
-    if beta <= 0:
-        raise ValueError(f"cutmix beta must be > 0, got {beta}")
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"cutmix prob must lie in [0, 1], got {prob}")
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    if torch.rand(1, generator=generator, device=gdev).item() >= prob:
-        return x, targets
-    # torch's Beta sampler takes no generator; seed numpy's from the torch stream instead so
-    # a seeded generator still makes the whole call reproducible.
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gdev).item())
-    lam = float(np.random.default_rng(seed).beta(beta, beta))
     n, _, h, w = x.shape
-    cut = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(h * cut), int(w * cut)
-    cy = int(torch.randint(0, h, (1,), generator=generator, device=gdev).item())
-    cx = int(torch.randint(0, w, (1,), generator=generator, device=gdev).item())
-    y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
-    x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
-    perm = torch.randperm(n, generator=generator, device=gdev).to(x.device)
-    mask = torch.zeros(1, 1, h, w, dtype=x.dtype, device=x.device)
-    mask[..., y1:y2, x1:x2] = 1
+    draw = cutmix_draw(n, h, w, beta, prob, generator)
+    if draw is None:
+        return x, targets
+    perm = draw.perm.to(x.device)
+    mask = draw.mask(h, w, x.dtype, x.device)
     # Blend with a mask instead of writing into x in place: keeps the caller's tensor intact
     # and the autograd graph simple.
     mixed = x * (1 - mask) + x[perm] * mask
-    area = (y2 - y1) * (x2 - x1) / (h * w)
-    return mixed, targets * (1 - area) + targets[perm.to(targets.device)] * area
+    return mixed, targets * (1 - draw.area) + targets[perm.to(targets.device)] * draw.area
+
+
+DC_OPS = ("crop", "scale", "rotate", "noise")
+
+
+@torch.no_grad()
+def dc_augment(x: Tensor, strategy: str = "crop_scale_rotate", generator: torch.Generator | None = None,
+               crop: int = 4, scale: float = 0.2, rotate: int = 45, noise: float = 0.001) -> Tensor:
+    """The DC code's (non-differentiable) evaluation augmentation, `augment` in its utils.py:
+    every image gets ONE op of `strategy`, chosen uniformly per image:
+
+    crop: shift by an integer in [-crop, crop) on each axis, the border filled with the batch's
+        per-channel mean; scale: resize each axis by a factor in [1 - scale, 1 + scale]
+        (nearest, as F.interpolate's default), centred and cropped/zero-padded back to size;
+    rotate: an integer angle in [-rotate, rotate) degrees about the centre, filled with the
+        mean of the channel means (the DC code rotates with scipy's cubic spline; this uses
+        bilinear sampling); noise: + noise · N(0, 1).
+    """
+    ops = tuple(op for op in strategy.split("_") if op)
+    unknown = [op for op in ops if op not in DC_OPS]
+    if unknown:
+        raise ValueError(f"unknown DC augmentation op(s) {unknown}; allowed: {', '.join(DC_OPS)}")
+    if not ops:
+        return x
+    n, ch, h, w = x.shape
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    mean = x.mean(dim=(0, 2, 3))
+    out = x.clone()
+    choice = torch.randint(0, len(ops), (n,), generator=generator, device=gdev).tolist()
+    for i, k in enumerate(choice):
+        op = ops[k]
+        img = x[i]
+        if op == "crop":
+            pad = mean.view(ch, 1, 1).expand(ch, h + 2 * crop, w + 2 * crop).clone()
+            pad[:, crop:crop + h, crop:crop + w] = img
+            r, c = (int(v) for v in torch.randint(0, 2 * crop, (2,), generator=generator, device=gdev))
+            out[i] = pad[:, r:r + h, c:c + w]
+        elif op == "scale":
+            u = torch.rand(2, generator=generator, device=gdev) * 2 * scale + 1 - scale
+            nh, nw = int(u[0] * h), int(u[1] * w)
+            tmp = F.interpolate(img[None], size=(nh, nw))[0]
+            side = max(nh, nw, h, w)
+            canvas = torch.zeros(ch, side, side, dtype=x.dtype, device=x.device)
+            r, c = (side - nh) // 2, (side - nw) // 2
+            canvas[:, r:r + nh, c:c + nw] = tmp
+            r, c = (side - h) // 2, (side - w) // 2
+            out[i] = canvas[:, r:r + h, c:c + w]
+        elif op == "rotate":
+            angle = int(torch.randint(-rotate, rotate, (1,), generator=generator, device=gdev))
+            a = math.radians(angle)
+            theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]],
+                                 dtype=x.dtype, device=x.device)[None]
+            fill = float(mean.mean())
+            grid = F.affine_grid(theta, [1, ch, h, w], align_corners=False)
+            out[i] = F.grid_sample((img - fill)[None], grid, align_corners=False)[0] + fill
+        else:  # noise
+            out[i] = img + noise * torch.randn(img.shape, generator=generator, device=gdev).to(x.device)
+    return out

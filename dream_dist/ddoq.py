@@ -380,7 +380,8 @@ def run_ddoq(cfg) -> dict:
         tag = "_soft" if soft is not None else ""
         rows = []
         r = evaluate(res.images, res.labels, test, mean, std, cfg.eval, soft_labels=soft, weights=res.weights,
-                     log_dir=out, name=f"ddoq_{d.encoder}{tag}", progress=cfg.progress)
+                     log_dir=out, name=f"ddoq_{d.encoder}{tag}", progress=cfg.progress,
+                     dataset=cfg.dataset.name)
         rows.append({"method": f"ddoq ({d.encoder}){' soft' if tag else ''}", "ipc": d.ipc, **r.to_dict(),
                      "published": None})
         if d.baseline:
@@ -389,7 +390,8 @@ def run_ddoq(cfg) -> dict:
             core_x = normalize(core.images, mean, std)
             core_soft = soft_labels(observer, core_x, d.temperature) if observer is not None else None
             b = evaluate(core_x, core.labels, test, mean, std, cfg.eval, soft_labels=core_soft,
-                         log_dir=out, name=f"random_coreset{tag}", progress=cfg.progress)
+                         log_dir=out, name=f"random_coreset{tag}", progress=cfg.progress,
+                         dataset=cfg.dataset.name)
             rows.append({"method": f"random coreset{' soft' if tag else ''}", "ipc": d.ipc, **b.to_dict(),
                          "published": None if tag else published(cfg.dataset.name, "random", d.ipc)})
     finally:

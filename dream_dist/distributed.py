@@ -152,8 +152,11 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
     from dream_dist.distill.task import resolve
     from dream_dist.run import ensure_packed
 
-    dcfg = resolve(cfg)
+    from dream_dist.data.shards import PackedReader
+
     root = packed if packed is not None else ensure_packed(cfg)
+    reader = PackedReader(root, "train")
+    dcfg = resolve(cfg, reader.index["image_size"])
     ensure_ray()
     storage = Path(storage or Path(cfg.out_dir) / "ray").resolve()
     use_gpu = cfg.device.startswith("cuda")
@@ -173,5 +176,8 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
         state = _load_merged(ckpt_dir)
     order = sorted(state["classes"])
     images = torch.cat([state["classes"][c]["syn"] for c in order])
+    if dcfg.pixel_space:  # stored as pixels; evaluation and export take normalised images
+        mean, std = reader.mean_std
+        images = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     labels = torch.tensor(order).repeat_interleave(dcfg.ipc)
     return images, labels, result

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dream_dist.augment import DSA, cutmix
+from dream_dist.augment import DEFAULT_STRATEGY, DSA, cutmix, dc_augment, remove_groups
 from dream_dist.data.base import ImageSet, normalize
 from dream_dist.formation import decode, decode_labels
 from dream_dist.models import MODELS, NORMS, build_model
@@ -52,6 +52,11 @@ __all__ = [
 ]
 
 SCHEDULES = ("dc", "idc", "cosine")
+AUG_MODES = ("dsa", "idc", "dc")
+PROTOCOLS = ("dc", "dsa", "dm", "idc")
+# Datasets whose digits a horizontal flip would corrupt: the IDC code drops flip for MNIST
+# (and SVHN); dream_dist treats its embedded digits the same way.
+NO_FLIP = ("mnist", "digits", "svhn")
 
 
 @dataclass
@@ -64,8 +69,13 @@ class EvalConfig:
     """Channel width; None keeps the model's default (128 for ConvNet)."""
     norm: str | None = None
     """'instance' | 'batch' | 'none'; None keeps the model's default."""
-    epochs: int = 1000
-    """Training epochs over the (decoded) distilled set."""
+    protocol: str | None = None
+    """The published protocol whose per-dataset values fill the None fields below when the
+    dataset is known (`resolved`): 'idc' (IDC/DREAM/DREAM+), 'dc', 'dsa', 'dm'; None = the
+    generic defaults (DSA, 1000 epochs, no CutMix)."""
+    epochs: int | None = 1000
+    """Training epochs over the (decoded) distilled set; None = the protocol's (dc: 300, or
+    1000 when it augments, i.e. on MNIST)."""
     lr: float = 0.01
     """Initial SGD learning rate (0 is allowed: it leaves the network untrained)."""
     momentum: float = 0.9
@@ -77,10 +87,20 @@ class EvalConfig:
     schedule: str = "dc"
     """'dc': lr x0.1 from epochs//2; 'idc': lr x0.2 at 2/3 and again at 5/6 of the epochs;
     'cosine': cosine annealing to 0 over the epochs."""
-    dsa: bool = True
-    """Differentiable siamese augmentation of every training batch (per-sample parameters)."""
-    cutmix_prob: float = 0.0
-    """Probability that a batch is CutMix-ed (IDC/DREAM+ use 0.5)."""
+    dsa: bool | None = True
+    """Augment every training batch (per-sample parameters) with `aug_mode`; None = the
+    protocol's (dc: only on MNIST)."""
+    aug_mode: str = "dsa"
+    """'dsa': DSA, one of the strategy's groups per batch; 'idc': IDC's DiffAug (flip and
+    colour always, one of crop/scale/rotate, then cutout); 'dc': the DC code's augment (one
+    of crop/scale/rotate per image)."""
+    aug_strategy: str | None = None
+    """Groups of aug_mode joined by '_'; None = the protocol's for the dataset (idc: flip +
+    colour + crop/scale/rotate, cutout dropped under CutMix, flip dropped for MNIST, and
+    'color_crop_scale_rotate' on MNIST with f > 1; dc: 'crop_scale_rotate'; else DSA's)."""
+    cutmix_prob: float | None = 0.0
+    """Probability that a batch is CutMix-ed; None = the protocol's (idc: 0.5, 0 on MNIST
+    with f > 1)."""
     cutmix_beta: float = 1.0
     """Beta(beta, beta) distribution of the CutMix area ratio."""
     runs: int = 5
@@ -91,6 +111,9 @@ class EvalConfig:
     """Batch size of the test pass (memory only; no effect on the result)."""
     device: str = "cpu"
     """Torch device to train and test on, e.g. 'cpu', 'cuda', 'cuda:1'."""
+    curve_every: int = 100
+    """Also test every this many epochs, for the TensorBoard curve `test/acc_curve` and the
+    result's `curves` (a diagnostic: the reported accuracy stays the last epoch's); 0 = off."""
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -102,8 +125,16 @@ class EvalConfig:
             raise ValueError(f"width must be >= 1 or None, got {self.width}")
         for name in ("epochs", "batch_size", "runs", "test_batch_size"):
             value = getattr(self, name)
+            if value is None and name == "epochs":
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.curve_every, int) or self.curve_every < 0:
+            raise ValueError(f"curve_every must be an int >= 0, got {self.curve_every!r}")
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if self.aug_mode not in AUG_MODES:
+            raise ValueError(f"unknown aug_mode {self.aug_mode!r}; choose one of {', '.join(AUG_MODES)}")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number >= 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -113,7 +144,7 @@ class EvalConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of "
                              f"{', '.join(SCHEDULES)}")
-        if not 0 <= self.cutmix_prob <= 1:
+        if self.cutmix_prob is not None and not 0 <= self.cutmix_prob <= 1:
             raise ValueError(f"cutmix_prob must be in [0, 1], got {self.cutmix_prob}")
         if self.cutmix_beta <= 0:
             raise ValueError(f"cutmix_beta must be > 0, got {self.cutmix_beta}")
@@ -124,22 +155,77 @@ class EvalConfig:
 
     @classmethod
     def preset(cls, method: str, **overrides: Any) -> "EvalConfig":
-        """The published protocol of `method`, with overrides.
+        """The published protocol of `method`, with overrides; dataset-dependent fields stay
+        None until `resolved(dataset, factor)`.
 
-        'dc', 'dsa', 'dm': lr x0.1 at the half, DSA. 'idc', 'dream': lr x0.2 at 2/3 and 5/6,
-        DSA + CutMix (beta 1, p 0.5). All: SGD lr 0.01, momentum 0.9, wd 5e-4, 1000 epochs.
+        'idc' / 'dream' / 'dream_plus' (IDC's test code): batch 64, lr x0.2 at 2/3 and 5/6,
+        IDC DiffAug + CutMix (beta 1, p 0.5). 'dc' (DC code): no augmentation and 300 epochs,
+        except MNIST (DC augment crop/scale/rotate, 1000 epochs), lr x0.1 at the half, batch
+        256. 'dsa', 'dm': DSA, 1000 epochs, lr x0.1 at the half, batch 256. All: SGD lr 0.01,
+        momentum 0.9, wd 5e-4.
         """
+        idc = dict(protocol="idc", schedule="idc", batch_size=64, aug_mode="idc", dsa=True,
+                   aug_strategy=None, cutmix_prob=None)
         presets = {
-            "dc": dict(schedule="dc"),
-            "dsa": dict(schedule="dc"),
-            "dm": dict(schedule="dc"),
-            "idc": dict(schedule="idc", cutmix_prob=0.5),
-            "dream": dict(schedule="idc", cutmix_prob=0.5),
+            "dc": dict(protocol="dc", schedule="dc", dsa=None, epochs=None, aug_strategy=None),
+            "dsa": dict(protocol="dsa", schedule="dc"),
+            "dm": dict(protocol="dm", schedule="dc"),
+            "idc": idc,
+            "dream": idc,
+            "dream_plus": idc,
         }
         if method not in presets:
             raise ValueError(f"no evaluation preset for {method!r}; presets: "
                              f"{', '.join(presets)}")
         return cls(**{**presets[method], **overrides})
+
+    def resolved(self, dataset: str | None = None, factor: int = 1) -> "EvalConfig":
+        """A copy with every None field set to the protocol's value for `dataset` (None =
+        unknown: no dataset-specific rule) and the set's multi-formation `factor`."""
+        r = dataclasses.replace(self)
+        mnist_mf = dataset in ("mnist", "digits") and factor > 1
+        if r.protocol == "idc":
+            if r.cutmix_prob is None:
+                # misc/reproduce.py: MNIST with multi-formation evaluates without CutMix.
+                r.cutmix_prob = 0.0 if mnist_mf else 0.5
+            if r.aug_strategy is None:
+                if mnist_mf:
+                    r.aug_strategy = "color_crop_scale_rotate"
+                else:
+                    drop = (("cutout",) if r.cutmix_prob > 0 else ()) + (("flip",) if dataset in NO_FLIP else ())
+                    r.aug_strategy = remove_groups(DEFAULT_STRATEGY, *drop)
+        elif r.protocol == "dc":
+            if r.dsa is None:
+                r.dsa = dataset == "mnist"
+                if r.dsa:
+                    r.aug_mode = "dc"
+            if r.aug_strategy is None and r.aug_mode == "dc":
+                r.aug_strategy = "crop_scale_rotate"
+            if r.epochs is None:
+                r.epochs = 1000 if r.dsa else 300
+        if r.dsa is None:
+            r.dsa = True
+        if r.epochs is None:
+            r.epochs = 1000
+        if r.cutmix_prob is None:
+            r.cutmix_prob = 0.0
+        if r.aug_strategy is None:
+            r.aug_strategy = "crop_scale_rotate" if r.aug_mode == "dc" else DEFAULT_STRATEGY
+        return r
+
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.epochs, self.dsa, self.cutmix_prob, self.aug_strategy)
+
+    def augmenter(self):
+        """x, generator -> augmented x for one training batch (None = no augmentation)."""
+        if not self.dsa:
+            return None
+        if self.aug_mode == "dc":
+            strategy = self.aug_strategy
+            return lambda x, g: dc_augment(x, strategy, generator=g)
+        aug = DSA.idc(self.aug_strategy) if self.aug_mode == "idc" else DSA(strategy=self.aug_strategy)
+        return lambda x, g: aug(x, generator=g)
 
 
 def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -221,6 +307,7 @@ def train_network(
     weights: Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: Any = None,
+    on_epoch: Any = None,
 ) -> list[float]:
     """Train `model` in place on normalised float images (N, C, H, W); return per-epoch losses.
 
@@ -230,6 +317,7 @@ def train_network(
     weighted mean. Under CutMix a mixed sample keeps the weight of the image it was pasted into.
     generator: CPU generator driving shuffling, DSA and CutMix (default: seeded from cfg.seed).
     progress: anything with `.update(n)` (a tqdm bar), advanced once per epoch.
+    on_epoch(epoch, model): called after every epoch (1-based), e.g. for a test curve.
     """
     if images.dim() != 4 or not images.is_floating_point():
         raise ValueError(f"images must be float (N, C, H, W) (normalised), got {images.dtype} "
@@ -243,7 +331,9 @@ def train_network(
     w = w.to(device) if w is not None else None
     images = images.detach().to(device, torch.float32)
     g = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
-    dsa = DSA() if cfg.dsa else None
+    if not cfg.is_resolved:
+        cfg = cfg.resolved()
+    augment = cfg.augmenter()
 
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -251,13 +341,15 @@ def train_network(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda e: _lr_factor(cfg.schedule, e, cfg.epochs))
     losses: list[float] = []
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         total = 0.0
         for b in epoch_batches(n, cfg.batch_size, g):
             b = b.to(device)
             x, t = images[b], soft[b]
-            if dsa is not None:
-                x = dsa(x, generator=g)
+            if augment is not None:
+                # IDC's train_epoch augments under no_grad; nothing here needs its graph.
+                with torch.no_grad():
+                    x = augment(x, g)
             if cfg.cutmix_prob > 0:
                 x, t = cutmix(x, t, beta=cfg.cutmix_beta, prob=cfg.cutmix_prob, generator=g)
             per_sample = -(t * F.log_softmax(model(x), dim=1)).sum(1)
@@ -268,6 +360,8 @@ def train_network(
             total += loss.item() * len(b)
         sched.step()
         losses.append(total / n)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model)
         if progress is not None:
             progress.update(1)
             if hasattr(progress, "set_postfix"):
@@ -318,14 +412,18 @@ class EvalResult:
     """Training images per run after multi-formation decoding (stored images x factor²)."""
     final_losses: list[float] = field(default_factory=list)
     """Last-epoch training loss of each run."""
+    curves: list[list] = field(default_factory=list)
+    """Per run, (epoch, test accuracy) every config curve_every epochs and at the end: a
+    diagnostic of the training, not a model selection."""
 
     @classmethod
     def from_runs(cls, accs: list[float], seconds: float, config: dict, soft_labels: bool,
-                  num_images: int = 0, final_losses: list[float] | None = None) -> "EvalResult":
+                  num_images: int = 0, final_losses: list[float] | None = None,
+                  curves: list[list] | None = None) -> "EvalResult":
         a = np.asarray(accs, dtype=np.float64)
         std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
         return cls(float(a.mean()), std, [float(v) for v in accs], seconds, config, soft_labels,
-                   num_images, list(final_losses or []))
+                   num_images, list(final_losses or []), [list(map(list, c)) for c in (curves or [])])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -363,13 +461,25 @@ def evaluate_run(
     weights: Tensor | None = None,
     log_dir: str | Path | None = None,
     progress: Any = None,
+    curve: list | None = None,
 ) -> tuple[float, list[float]]:
     """One run: a fresh network (seed cfg.seed + run) trained on decoded images with targets
     ((N,) labels or (N, K) soft targets) -> (last-epoch test accuracy %, per-epoch losses).
 
-    log_dir: a TensorBoard run directory for `train/loss` (per epoch) and `test/acc`.
+    log_dir: a TensorBoard run directory for `train/loss` (per epoch), `test/acc` and, every
+        cfg.curve_every epochs, `test/acc_curve`.
+    curve: a list that receives (epoch, test accuracy) every cfg.curve_every epochs and at
+        the end (a diagnostic; the result is the last epoch's accuracy either way).
     """
+    if not cfg.is_resolved:
+        cfg = cfg.resolved()
     seed = cfg.seed + run
+    points: list = curve if curve is not None else []
+
+    def on_epoch(epoch: int, model: nn.Module) -> None:
+        if cfg.curve_every and epoch % cfg.curve_every == 0 and epoch < cfg.epochs:
+            points.append((epoch, test_accuracy(model, test, mean, std, cfg.test_batch_size)))
+
     # Fork so the caller's global RNG is untouched: runs are reproducible whatever ran before.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -378,14 +488,17 @@ def evaluate_run(
     # A separate stream for training randomness (init and training must not share draws).
     g = torch.Generator().manual_seed(derive_seed(seed, 1))
     losses = train_network(model, images, targets, cfg, weights=weights, generator=g,
-                           progress=progress)
+                           progress=progress, on_epoch=on_epoch if cfg.curve_every else None)
     acc = test_accuracy(model, test, mean, std, cfg.test_batch_size)
+    points.append((cfg.epochs, acc))
     if log_dir is not None:
         from torch.utils.tensorboard import SummaryWriter  # heavy import, only when logging
 
         with SummaryWriter(str(log_dir)) as writer:
             for epoch, loss in enumerate(losses):
                 writer.add_scalar("train/loss", loss, epoch)
+            for epoch, a in points:
+                writer.add_scalar("test/acc_curve", a, epoch)
             writer.add_scalar("test/acc", acc, cfg.epochs)
     return acc, losses
 
@@ -424,6 +537,7 @@ def evaluate(
     log_dir: str | Path | None = None,
     name: str = "eval",
     progress: bool = True,
+    dataset: str | None = None,
 ) -> EvalResult:
     """Evaluate a distilled set: cfg.runs fresh networks trained on it, tested on `test`.
 
@@ -434,6 +548,7 @@ def evaluate(
     weights: optional (N,) per-image loss weights (DDOQ's cluster masses).
     log_dir: writes <log_dir>/<name>.json and TensorBoard runs <log_dir>/tb/<name>/run<i>.
     progress: a tqdm bar over runs x epochs (shown when stderr is a terminal).
+    dataset: the dataset's name, for the protocol's per-dataset settings (cfg.resolved).
     """
     _check_set(images, labels, test)
     if not isinstance(factor, int) or factor < 1:
@@ -447,25 +562,29 @@ def evaluate(
                          f"{tuple(weights.shape)}")
 
     images, targets, weights = decode_set(images, labels, factor, soft_labels, weights)
+    cfg = cfg.resolved(dataset, factor)
 
-    config = {**dataclasses.asdict(cfg), "factor": factor}
+    config = {**dataclasses.asdict(cfg), "factor": factor, "dataset": dataset}
     accs: list[float] = []
     final_losses: list[float] = []
+    curves: list[list] = []
     start = time.perf_counter()
     bar = tqdm(total=cfg.runs * cfg.epochs, desc=name, disable=None if progress else True,
                dynamic_ncols=True)
     try:
         for run in range(cfg.runs):
             tb = Path(log_dir) / "tb" / name / f"run{run}" if log_dir is not None else None
+            curve: list = []
             acc, losses = evaluate_run(images, targets, test, mean, std, cfg, run=run,
-                                       weights=weights, log_dir=tb, progress=bar)
+                                       weights=weights, log_dir=tb, progress=bar, curve=curve)
+            curves.append(curve)
             accs.append(acc)
             final_losses.append(losses[-1])
             bar.set_description(f"{name} run {run}: {acc:.2f}%")
     finally:
         bar.close()
     result = EvalResult.from_runs(accs, time.perf_counter() - start, config,
-                                  soft_labels is not None, images.shape[0], final_losses)
+                                  soft_labels is not None, images.shape[0], final_losses, curves)
     if log_dir is not None:
         path = Path(log_dir) / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

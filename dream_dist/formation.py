@@ -59,9 +59,18 @@ def decode_labels(labels: Tensor, factor: int) -> Tensor:
     return labels.repeat_interleave(factor * factor, dim=0)
 
 
-def tile(images: Tensor, factor: int) -> Tensor:
+TILE_MODES = ("nearest", "antialias")
+
+
+def tile(images: Tensor, factor: int, mode: str = "nearest") -> Tensor:
     """(N·f², C, H, W) -> (N, C, H, W): each group of f² consecutive images, downsampled to
-    (H/f, W/f), laid out f×f row-major in one image — the layout `decode` reads back."""
+    (H/f, W/f), laid out f×f row-major in one image — the layout `decode` reads back.
+
+    mode: 'nearest' (the IDC/DREAM code: F.interpolate's default, keeps strokes sharp) or
+    'antialias' (bilinear with antialiasing: smoother, but a blurred start the matching then
+    has to undo)."""
+    if mode not in TILE_MODES:
+        raise ValueError(f"tile mode must be one of {', '.join(TILE_MODES)}, got {mode!r}")
     _check(images, factor, "tile")
     if factor == 1:
         return images
@@ -70,9 +79,11 @@ def tile(images: Tensor, factor: int) -> Tensor:
     if m % k:
         raise ValueError(f"tile: got {m} images, not a multiple of factor² = {k}")
     ph, pw = h // factor, w // factor
-    # antialias: plain bilinear downsampling aliases fine texture; this is a one-off init.
-    small = F.interpolate(images, size=(ph, pw), mode="bilinear", align_corners=False,
-                          antialias=True)
+    if mode == "nearest":
+        small = F.interpolate(images, size=(ph, pw), mode="nearest")
+    else:
+        small = F.interpolate(images, size=(ph, pw), mode="bilinear", align_corners=False,
+                              antialias=True)
     return (
         small.reshape(m // k, factor, factor, c, ph, pw)
         .permute(0, 3, 1, 4, 2, 5)  # (N, C, row, ph, col, pw)

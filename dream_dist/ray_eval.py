@@ -29,11 +29,14 @@ from dream_dist.evaluate import EvalConfig, EvalResult, _check_set, decode_set, 
 
 
 def _run_task(images, targets, weights, test, mean, std, cfg: EvalConfig, run: int, threads: int,
-              log_dir: str | None) -> tuple[float, list[float]]:
+              log_dir: str | None) -> tuple[float, list[float], list]:
     """One evaluation run inside a Ray worker."""
     # Ray workers otherwise use torch's default thread count, oversubscribing the node.
     torch.set_num_threads(threads)
-    return evaluate_run(images, targets, test, mean, std, cfg, run=run, weights=weights, log_dir=log_dir)
+    curve: list = []
+    acc, losses = evaluate_run(images, targets, test, mean, std, cfg, run=run, weights=weights,
+                               log_dir=log_dir, curve=curve)
+    return acc, losses, curve
 
 
 def _names(cfgs: list[EvalConfig]) -> list[str]:
@@ -60,6 +63,7 @@ def evaluate_on_ray(
     log_dir: str | Path | None = None,
     names: list[str] | None = None,
     progress: bool = True,
+    dataset: str | None = None,
 ) -> dict[str, EvalResult]:
     """Evaluate a distilled set under each EvalConfig, one Ray task per (config, run).
 
@@ -90,6 +94,7 @@ def evaluate_on_ray(
     if weights is not None and weights.shape != (n,):
         raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
 
+    cfgs = [c.resolved(dataset, factor) for c in cfgs]
     ensure_ray()
     train_x, targets, w = decode_set(images, labels, factor, soft_labels, weights)
     # Into the object store once; every task gets a reference, not its own copy.
@@ -120,8 +125,9 @@ def evaluate_on_ray(
     for name, cfg in zip(names, cfgs):
         accs = [outcome[(name, r)][0] for r in range(cfg.runs)]
         losses = [outcome[(name, r)][1][-1] for r in range(cfg.runs)]
-        res = EvalResult.from_runs(accs, seconds, {**dataclasses.asdict(cfg), "factor": factor},
-                                   soft_labels is not None, train_x.shape[0], losses)
+        curves = [outcome[(name, r)][2] for r in range(cfg.runs)]
+        res = EvalResult.from_runs(accs, seconds, {**dataclasses.asdict(cfg), "factor": factor, "dataset": dataset},
+                                   soft_labels is not None, train_x.shape[0], losses, curves)
         results[name] = res
         if log_dir is not None:
             path = Path(log_dir) / f"{name}.json"

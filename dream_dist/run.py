@@ -169,7 +169,8 @@ def run_coreset(cfg) -> dict:
         core = build_coreset(method, train, cfg.coreset.ipc, seed=cfg.seed, features=features)
         save_grid(core.images, out / f"{method}_ipc{cfg.coreset.ipc}.png", nrow=cfg.coreset.ipc)
         res = evaluate(normalize(core.images, mean, std), core.labels, test, mean, std, cfg.eval,
-                       log_dir=out, name=f"{method}_ipc{cfg.coreset.ipc}", progress=cfg.progress)
+                       log_dir=out, name=f"{method}_ipc{cfg.coreset.ipc}", progress=cfg.progress,
+                       dataset=cfg.dataset.name)
         rows.append({"method": method, "ipc": cfg.coreset.ipc, **res.to_dict(),
                      "published": published(cfg.dataset.name, method, cfg.coreset.ipc)})
     print_table(rows, f"{cfg.dataset.name}: coresets, {cfg.eval.model}, "

@@ -28,3 +28,4 @@ def generator(*keys: int) -> torch.Generator:
 
 # Purposes, so that streams for different uses never collide.
 NET_INIT, REAL_BATCH, DSA_DRAW, NET_BATCH, NET_AUG, SYN_INIT, CLUSTER, POOL, INIT_NET = range(1, 10)
+WARMUP, NET_MIX, SYN_SUBSAMPLE = range(10, 13)

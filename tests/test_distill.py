@@ -96,11 +96,11 @@ def test_representative_batch_is_nearest_to_centres(train):
 def test_cluster_init_images_are_real_medoids(train):
     cfg = preset("dream_plus", ipc=3, factor=1, iterations=1, inner_steps=1, **TINY).resolved("digits")
     d = make(train, cfg, [[0, 7]])
-    net = d.pretrain_for_init()
+    net, _ = d.pretrain_for_init()
     d.shards[0].init_synthetic(net)
     mean, std = train.mean_std()
     for c in (0, 7):
-        real = normalize(train.of_class(c), mean, std)
+        real = train.of_class(c).float() / 255  # idc base: images live in pixel space
         syn = d.shards[0].syn[c].detach()
         # Every initial image IS a real image of the class...
         match = [int(torch.nonzero((real - s).abs().flatten(1).max(1).values < 1e-6)[0]) for s in syn]

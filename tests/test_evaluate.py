@@ -180,8 +180,8 @@ def test_config_validation_and_presets():
                 dict(device="gpu0")):
         with pytest.raises(ValueError):
             EvalConfig(**bad)
-    idc = EvalConfig.preset("idc")
-    assert (idc.schedule, idc.cutmix_prob, idc.dsa, idc.epochs) == ("idc", 0.5, True, 1000)
+    idc = EvalConfig.preset("idc").resolved("cifar10", factor=2)
+    assert (idc.schedule, idc.cutmix_prob, idc.dsa, idc.epochs, idc.batch_size) == ("idc", 0.5, True, 1000, 64)
     assert EvalConfig.preset("dc", runs=3).runs == 3 and EvalConfig.preset("dm").cutmix_prob == 0
     with pytest.raises(ValueError, match="presets"):
         EvalConfig.preset("rded")

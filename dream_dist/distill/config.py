@@ -8,8 +8,10 @@ ablation (Table III) is a matter of flipping one:
     loss       gradient | feature | bidirectional  what is matched
     init       real | noise | cluster             how synthetic images start
 
-Presets (`PRESETS`) hold the paper settings; `CPU_SCHEDULES` lowers only the iteration
-counts (and nothing else) for CPU runs, and says so in the run's config.
+Presets (`PRESETS`) hold the settings of the public code (IDC: snu-mllab/Efficient-Dataset-
+Condensation; DREAM/DREAM+: Yanqing0327/DREAM; DC/DSA/DM: VICO-UoE/DatasetCondensation).
+Every None field resolves, once the dataset is known, to that code's value for the dataset
+(`resolved`); docs/fidelity.md lists each setting with the file it comes from.
 """
 from __future__ import annotations
 
@@ -23,6 +25,19 @@ BASES = ("dc", "dsa", "dm", "idc")
 SELECTIONS = ("random", "representative")
 INITS = ("real", "noise", "cluster")
 NET_UPDATES = ("real", "syn", "none")
+AUG_MODES = ("idc", "dsa")
+TILE_MODES = ("nearest", "antialias")
+# Image side the IDC code's tune_lr_img scales against: 28 only for MNIST, 32 otherwise.
+LR_BASE_SIZE = {"mnist": 28}
+KNOWN_SIZES = {"mnist": 28, "fashion_mnist": 28, "digits": 28, "cifar10": 32, "cifar100": 32,
+               "tinyimagenet": 64}
+
+
+def tune_lr_img_scale(dataset: str, ipc: int, size: int) -> float:
+    """IDC's tune_lr_img: the image lr is multiplied by ipc/10 × (size/base)², with base 28 for
+    'mnist' and 32 for everything else (so FashionMNIST at 28 px gets × 0.766)."""
+    base = LR_BASE_SIZE.get(dataset, 32)
+    return ipc / 10 * (size / base) ** 2
 
 
 @dataclass
@@ -57,18 +72,58 @@ class DistillConfig:
     net_steps: int | None = None
     """Network SGD steps after each matching step; None = ceil(net_images / net_batch) for
     real, the DC inner loop (1/50/10 by IPC) for syn."""
-    net_images: int = 500
-    """Real images the network trains on after each matching step (IDC's n_data)."""
-    net_batch: int = 128
-    """Mini-batch of the network's training steps (DC trains on syn with 256)."""
+    net_images: int | None = None
+    """Real images the network trains on after each matching step (IDC's n_data): whole
+    batches until at least this many; None = 500, 2000 on CIFAR, 1000 on TinyImageNet."""
+    net_batch: int | None = None
+    """Mini-batch of the network's training on real data; None = batch_real (the IDC/DREAM
+    code trains it with the matching loader, loader_real), 256 for dc/dsa."""
     lr_img: float | None = None
-    """Synthetic-image SGD lr; None = 5e-3 (mse) / 1e-4 (l1) for idc, 0.1 for dc/dsa, 1 for dm."""
+    """Synthetic-image SGD lr as the public code's argument; None = 5e-3 (mse) / 1e-4 (l1) for
+    idc, 0.1 for dc/dsa, 1 for dm. For idc it is in PIXEL units ([0, 1] images) and is then
+    multiplied by `lr_img_scale`."""
+    lr_img_scale: float | None = None
+    """Multiplier of lr_img; None = IDC's tune_lr_img for idc (ipc/10 × (size/base)², base 28
+    for MNIST, 32 otherwise), 1 for dc/dsa/dm."""
+    pixel_space: bool | None = None
+    """Optimise synthetic images as pixels in [0, 1], normalised inside the forward (the IDC /
+    DREAM code); False = optimise normalised images (the DC/DSA/DM code). None = True for idc."""
+    clamp: bool = True
+    """Pixel-space images are clamped to [0, 1] at the start of every outer iteration (IDC)."""
     momentum_img: float = 0.5
     """Synthetic-image SGD momentum."""
     lr_net: float = 0.01
-    """Network SGD lr (momentum 0.9, weight decay 5e-4)."""
+    """Network SGD lr."""
+    momentum_net: float | None = None
+    """Network SGD momentum; None = 0.9 (IDC/DREAM), 0 for dc/dsa (the DC code's plain SGD)."""
+    weight_decay_net: float | None = None
+    """Network SGD weight decay; None = 5e-4 (IDC/DREAM), 0 for dc/dsa."""
     batch_real: int | None = None
-    """Real images per class per matching step; None = 128 for idc, 256 for dc/dsa/dm."""
+    """Real images per class per matching step; None = 128 for idc (DREAM's default; 64 on
+    TinyImageNet, misc/reproduce.py), 256 for dc/dsa/dm. The idc preset sets IDC's own 64."""
+    batch_syn_max: int = 128
+    """Decoded synthetic images per class per matching step at most (IDC's batch_syn_max);
+    larger classes are subsampled with a seeded draw every step."""
+    warmup_epochs: int = 0
+    """DREAM+ (condense_improve.py): each outer iteration's fresh network first trains this
+    many epochs on real data (augmentation + CutMix); iteration 0 matches on the network
+    trained for the cluster initialisation instead. The dream_plus presets set 1."""
+    match_aug: str | None = None
+    """Augmentation of each matching step (one draw for the real and synthetic batch):
+    'idc' = IDC's DiffAug in batch mode (colour, then one geometric op, then cutout),
+    'dsa' = DSA (one of its groups per draw). None = idc for idc, dsa for dsa/dm."""
+    match_strategy: str | None = None
+    """Groups of match_aug; None = 'color_crop_cutout' for idc ('color_crop' on MNIST with
+    f > 1, misc/reproduce.py), DSA's 'color_crop_cutout_flip_scale_rotate' otherwise."""
+    net_strategy: str | None = None
+    """Per-sample IDC DiffAug of the network's real-data training (idc base); None = the match
+    strategy without cutout when net_cutmix > 0 (the code's remove_aug), i.e. 'color_crop'."""
+    net_cutmix: float | None = None
+    """CutMix probability of the network's real-data training (mixup_net='cut', mix_p);
+    None = 0.5 for idc, 0 on MNIST with f > 1 (misc/reproduce.py: mixup_net='vanilla')."""
+    tile_mode: str = "nearest"
+    """Downsampling of the f² real images tiled into one stored image at initialisation:
+    'nearest' (the IDC/DREAM code) or 'antialias'."""
     tau: int = 10
     """Re-cluster every tau matching steps (representative selection)."""
     samples_per_cluster: int = 1
@@ -105,26 +160,46 @@ class DistillConfig:
         check("selection", self.selection, SELECTIONS)
         check("loss", self.loss, LOSSES)
         check("init", self.init, INITS)
+        check("tile_mode", self.tile_mode, TILE_MODES)
+        if self.match_aug is not None:
+            check("match_aug", self.match_aug, AUG_MODES)
+        for name in ("match_strategy", "net_strategy"):
+            value = getattr(self, name)
+            if value is not None:
+                from dream_dist.augment import DSA
+
+                try:
+                    DSA.parse_strategy(value)
+                except ValueError as e:
+                    raise ValueError(f"distill.{name}: {e}") from None
         if self.metric is not None:
             check("metric", self.metric, DISTANCES)
         if self.net_update is not None:
             check("net_update", self.net_update, NET_UPDATES)
-        for name in ("ipc", "iterations", "inner_steps", "net_images", "net_batch", "tau",
+        for name in ("ipc", "iterations", "inner_steps", "tau", "batch_syn_max",
                      "samples_per_cluster", "kmeans_iters", "feature_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"distill.{name} must be a positive integer, got {value!r}")
-        for name in ("factor", "net_steps", "batch_real", "cluster_pool", "init_images", "width"):
+        for name in ("factor", "net_steps", "batch_real", "cluster_pool", "init_images", "width",
+                     "net_images", "net_batch"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"distill.{name} must be a positive integer or null, got {value!r}")
-        if self.init_epochs < 0:
-            raise ValueError("distill.init_epochs must be >= 0")
+        for name in ("init_epochs", "warmup_epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"distill.{name} must be an integer >= 0, got {getattr(self, name)!r}")
         for name in ("lambda_grad", "lambda_feat", "lr_net"):
             if getattr(self, name) < 0:
                 raise ValueError(f"distill.{name} must be >= 0")
-        if self.lr_img is not None and self.lr_img <= 0:
-            raise ValueError("distill.lr_img must be > 0")
+        for name in ("momentum_net", "weight_decay_net"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"distill.{name} must be >= 0 or null")
+        for name in ("lr_img", "lr_img_scale"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"distill.{name} must be > 0 or null")
+        if self.net_cutmix is not None and not 0 <= self.net_cutmix <= 1:
+            raise ValueError(f"distill.net_cutmix must lie in [0, 1], got {self.net_cutmix}")
         if self.selection == "representative" and self.batch_real is not None and \
                 self.batch_real % self.samples_per_cluster:
             raise ValueError(
@@ -137,10 +212,14 @@ class DistillConfig:
 
     # ---- resolved values: the base's defaults, filled in once the dataset is known ----
 
-    def resolved(self, dataset: str) -> "DistillConfig":
-        """A copy with every None replaced by the base's default for `dataset`."""
+    def resolved(self, dataset: str, image_size: int | None = None) -> "DistillConfig":
+        """A copy with every None replaced by the public code's value for `dataset`.
+
+        image_size: side of the dataset's images (for IDC's lr scaling); None = the known
+        size of a built-in dataset, else 32 (give it for folders of other sizes)."""
         r = dataclasses.replace(self)
         idc, dc_like = r.base == "idc", r.base in ("dc", "dsa")
+        mnist_like = dataset in ("mnist", "fashion_mnist")
         if r.factor is None:
             r.factor = 2 if idc else 1
         if r.metric is None:
@@ -149,11 +228,44 @@ class DistillConfig:
             elif r.base == "dm":
                 r.metric = "mse"
             else:
-                r.metric = "l1" if dataset in ("mnist", "fashion_mnist") else "mse"
+                r.metric = "l1" if mnist_like else "mse"
         if r.include_fc is None:
             r.include_fc = dc_like
         if r.net_update is None:
             r.net_update = {"idc": "real", "dc": "syn", "dsa": "syn", "dm": "none"}[r.base]
+        if r.batch_real is None:
+            r.batch_real = (64 if dataset == "tinyimagenet" else 128) if idc else 256
+        if r.net_batch is None:
+            r.net_batch = r.batch_real if idc else 256
+        if r.net_images is None:
+            r.net_images = {"cifar10": 2000, "cifar100": 2000, "tinyimagenet": 1000}.get(dataset, 500)
+        if r.momentum_net is None:
+            r.momentum_net = 0.0 if dc_like else 0.9
+        if r.weight_decay_net is None:
+            r.weight_decay_net = 0.0 if dc_like else 5e-4
+        if r.pixel_space is None:
+            r.pixel_space = idc
+        if r.lr_img_scale is None:
+            size = image_size or KNOWN_SIZES.get(dataset, 32)
+            r.lr_img_scale = tune_lr_img_scale(dataset, r.ipc, size) if idc else 1.0
+        # misc/reproduce.py: MNIST with multi-formation matches with 'color_crop' and trains
+        # networks without CutMix ("cutmix or cutout is not much effective").
+        mnist_mf = dataset == "mnist" and r.factor > 1
+        if r.match_aug is None:
+            r.match_aug = "idc" if idc else "dsa"
+        if r.match_strategy is None:
+            if r.match_aug == "idc":
+                r.match_strategy = "color_crop" if mnist_mf else "color_crop_cutout"
+            else:
+                from dream_dist.augment import DEFAULT_STRATEGY
+
+                r.match_strategy = DEFAULT_STRATEGY
+        if r.net_cutmix is None:
+            r.net_cutmix = 0.5 if idc and not mnist_mf else 0.0
+        if r.net_strategy is None:
+            from dream_dist.augment import remove_groups
+
+            r.net_strategy = remove_groups(r.match_strategy, "cutout") if r.net_cutmix > 0 else r.match_strategy
         if r.net_steps is None:
             if r.net_update == "real":
                 r.net_steps = -(-r.net_images // r.net_batch)
@@ -163,8 +275,6 @@ class DistillConfig:
                 r.net_steps = 0
         if r.lr_img is None:
             r.lr_img = {"idc": 5e-3 if r.metric != "l1" else 1e-4, "dc": 0.1, "dsa": 0.1, "dm": 1.0}[r.base]
-        if r.batch_real is None:
-            r.batch_real = 128 if idc else 256
         if r.dsa is None:
             r.dsa = r.base != "dc"
         if r.selection == "representative" and r.batch_real % r.samples_per_cluster:
@@ -201,9 +311,13 @@ DC_OUTER = {1: 1, 10: 10, 50: 50}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # DREAM+ = IDC + representative selection + bidirectional matching + cluster init.
-    "dream_plus": dict(base="idc", selection="representative", loss="bidirectional", init="cluster"),
-    "dream": dict(base="idc", selection="representative", loss="gradient", init="real"),
-    "idc": dict(base="idc", selection="random", loss="gradient", init="real"),
+    # DREAM+ (condense_improve.py) also warms every fresh matching network up for one epoch.
+    "dream_plus": dict(base="idc", selection="representative", loss="bidirectional", init="cluster",
+                       warmup_epochs=1),
+    # DREAM (condense.py): k-means init on the untrained network, no warm-up.
+    "dream": dict(base="idc", selection="representative", loss="gradient", init="cluster", init_epochs=0),
+    # IDC (its own code): real batch 64 (argument.py), random real init.
+    "idc": dict(base="idc", selection="random", loss="gradient", init="real", batch_real=64),
     "dc": dict(base="dc", selection="random", loss="gradient", init="real", iterations=1000),
     "dsa": dict(base="dsa", selection="random", loss="gradient", init="real", iterations=1000),
     "dm": dict(base="dm", selection="random", loss="feature", init="real", iterations=20000, inner_steps=1),

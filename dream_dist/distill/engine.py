@@ -8,7 +8,9 @@ One process may hold every shard (run one after another, gradients summed), or a
 may hold one shard and pass `allreduce` to sum the network's gradients across workers
 (torch.distributed). Either way each outer iteration is:
 
-    net = fresh network (seeded by the iteration)
+    images clamped to [0, 1] (pixel space)
+    net = fresh network (seeded by the iteration), warmed up on real data (DREAM+), or at
+          iteration 0 the network trained for the cluster initialisation
     for step in inner steps:
         every shard: per class, select a real batch (re-cluster every τ) and update its images
         net_steps times: every shard adds its share of the network gradient; allreduce; SGD
@@ -30,10 +32,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dream_dist.augment import cutmix_draw
 from dream_dist.distill.config import DistillConfig
-from dream_dist.distill.shard import ClassShard
+from dream_dist.distill.shard import BatchPlan, ClassShard
 from dream_dist.models import build_model
-from dream_dist.seeding import INIT_NET, NET_INIT, derive_seed
+from dream_dist.seeding import INIT_NET, NET_INIT, NET_MIX, WARMUP, derive_seed, generator
 
 AllReduce = Callable[[list[torch.Tensor]], None]
 
@@ -110,7 +113,8 @@ class Distiller:
         self.net: nn.Module | None = None
         self.opt_net: torch.optim.Optimizer | None = None
         self.history: list[dict] = []
-        self.timing = {"startup": 0.0, "distill": 0.0}
+        self.timing = {"startup": 0.0, "distill": 0.0, "warmup": 0.0}
+        self._keep_init_net = False  # iteration 0 matches on the cluster-init network
 
     # ------------------------------------------------------------------ networks
 
@@ -122,7 +126,9 @@ class Distiller:
         return net.to(self.device).train()
 
     def _net_opt(self, net: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(net.parameters(), lr=self.cfg.lr_net, momentum=0.9, weight_decay=5e-4)
+        cfg = self.cfg
+        return torch.optim.SGD(net.parameters(), lr=cfg.lr_net, momentum=cfg.momentum_net or 0.0,
+                               weight_decay=cfg.weight_decay_net or 0.0)
 
     def _sync_step(self, net: nn.Module, opt: torch.optim.Optimizer,
                    add_grads: Callable[[Callable[[], None]], float]) -> float:
@@ -137,30 +143,63 @@ class Distiller:
         opt.step()
         return loss
 
-    def pretrain_for_init(self) -> nn.Module:
-        """The cluster-init network: init_epochs of SGD on real data (all classes)."""
+    def real_step(self, net: nn.Module, opt: torch.optim.Optimizer, batch: int, keys: tuple[int, ...]) -> float:
+        """One SGD step of the network on a global real mini-batch of `batch` images, with the
+        per-sample augmentation and CutMix of the IDC/DREAM code's train_epoch.
+
+        CutMix pairs images across classes, so when it fires the augmented batch is first
+        assembled from every shard (each fills its own positions of a zero tensor, then the
+        tensors are summed: in one process directly, across workers with the all-reduce)."""
         cfg = self.cfg
-        net = self.new_net((-1,))
-        opt = self._net_opt(net)
+        plan = BatchPlan(self.class_counts, batch, self.seed, keys)
+        mix = None
+        if cfg.net_cutmix:
+            mix = cutmix_draw(batch, self.size, self.size, 1.0, cfg.net_cutmix,
+                              generator=generator(self.seed, NET_MIX, *keys))
+        full = None
+        if mix is not None:
+            full = torch.zeros(batch, self.channels, self.size, self.size, device=self.device)
+            for s in self.shards:
+                s.fill_real(plan, full)
+            if self.allreduce is not None:
+                self.allreduce([full])  # every other position is 0: the sum is exact
+        return self._sync_step(net, opt, lambda collect: sum(
+            s.real_grad(net, plan, collect, full, mix) for s in self.shards))
+
+    def train_epochs(self, net: nn.Module, opt: torch.optim.Optimizer, epochs: int, key: tuple[int, ...],
+                     desc: str) -> None:
+        """`epochs` epochs of real-data training (batches of net_batch over every image, or
+        over init_images of them when the CPU preset caps it)."""
+        cfg = self.cfg
         total = sum(self.class_counts) if cfg.init_images is None else min(cfg.init_images, sum(self.class_counts))
         steps = -(-total // cfg.net_batch)
-        bar = tqdm(total=cfg.init_epochs * steps, desc="init net (1 epoch real)", disable=not self.progress, leave=False)
-        for e in range(cfg.init_epochs):
+        bar = tqdm(total=epochs * steps, desc=desc, disable=not self.progress, leave=False)
+        for e in range(epochs):
             for j in range(steps):
                 b = min(cfg.net_batch, total - j * cfg.net_batch)
-                self._sync_step(net, opt, lambda collect: sum(
-                    s.real_grad(net, self.class_counts, b, (INIT_NET, e, j), collect) for s in self.shards))
+                self.real_step(net, opt, b, (*key, e, j))
                 bar.update(1)
         bar.close()
-        return net
+
+    def pretrain_for_init(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The cluster-init network: init_epochs of SGD on real data (all classes)."""
+        net = self.new_net((-1,))
+        opt = self._net_opt(net)
+        self.train_epochs(net, opt, self.cfg.init_epochs, (INIT_NET,), f"init net ({self.cfg.init_epochs} epoch real)")
+        return net, opt
 
     # ------------------------------------------------------------------ main loop
 
     def initialize(self) -> None:
         t0 = time.perf_counter()
-        net = self.pretrain_for_init() if self.cfg.init == "cluster" else None
+        net = opt = None
+        if self.cfg.init == "cluster":
+            net, opt = self.pretrain_for_init()
         for s in self.shards:
             s.init_synthetic(net)
+        if self.cfg.warmup_epochs and net is not None:
+            # DREAM+: iteration 0 matches on the network the cluster init trained.
+            self.net, self.opt_net, self._keep_init_net = net, opt, True
         self.timing["startup"] = time.perf_counter() - t0
         self._emit(0, {"time/startup": self.timing["startup"]})
         if 0 in self.snapshot_steps:
@@ -175,11 +214,23 @@ class Distiller:
         bar = tqdm(total=total, initial=self.global_step, desc=f"distill {cfg.base}", disable=not self.progress,
                    dynamic_ncols=True)
         while self.global_step < end:
-            if self.step == 0 or self.net is None:
-                self.net = self.new_net((self.it,))
-                self.opt_net = self._net_opt(self.net)
-            t0 = time.perf_counter()
             metrics: dict[str, float] = {}
+            t0 = time.perf_counter()
+            if self.step == 0:
+                for s in self.shards:
+                    s.clamp_()
+            if self.step == 0 or self.net is None:
+                if self._keep_init_net and self.it == 0 and self.net is not None:
+                    self._keep_init_net = False
+                else:
+                    self.net = self.new_net((self.it,))
+                    self.opt_net = self._net_opt(self.net)
+                    if cfg.warmup_epochs:
+                        tw = time.perf_counter()
+                        self.train_epochs(self.net, self.opt_net, cfg.warmup_epochs, (WARMUP, self.it),
+                                          f"warm-up net it {self.it}")
+                        metrics["time/warmup"] = time.perf_counter() - tw
+                        self.timing["warmup"] += metrics["time/warmup"]
             for s in self.shards:
                 for k, v in s.match_step(self.net, self.it, self.step).items():
                     metrics[k] = metrics.get(k, 0.0) + v
@@ -211,9 +262,8 @@ class Distiller:
         cfg, net = self.cfg, self.net
         keys = (self.it, self.step, j)
         if cfg.net_update == "real":
-            b = min(cfg.net_batch, cfg.net_images - j * cfg.net_batch)
-            return self._sync_step(net, self.opt_net, lambda collect: sum(
-                s.real_grad(net, self.class_counts, b, keys, collect) for s in self.shards))
+            # Whole batches until at least net_images images (train_epoch's n_data break).
+            return self.real_step(net, self.opt_net, cfg.net_batch, keys)
         n_syn = self.num_classes * cfg.ipc * cfg.factor ** 2
         return self._sync_step(net, self.opt_net, lambda collect: sum(
             s.syn_grad(net, n_syn, keys, collect) for s in self.shards))
@@ -254,7 +304,7 @@ class Distiller:
         for s in self.shards:
             s.load_state_dict(state["classes"])
         self.it, self.step = state["it"], state["step"]
-        self.history, self.timing = state["history"], state["timing"]
+        self.history, self.timing = state["history"], {**self.timing, **state["timing"]}
         self.net = self.opt_net = None
         if state["net"] is not None:
             self.net = self.new_net((self.it,))

@@ -20,14 +20,36 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dream_dist import kmeans
-from dream_dist.augment import DSA
+from dream_dist.augment import DSA, CutMixDraw
 from dream_dist.coreset import extract_features
 from dream_dist.data.base import normalize
 from dream_dist.distill.config import DistillConfig
 from dream_dist.distill.matching import match_loss
 from dream_dist.formation import decode, tile
 from dream_dist.seeding import (CLUSTER, DSA_DRAW, NET_AUG, NET_BATCH, POOL, REAL_BATCH,
-                                SYN_INIT, derive_seed, generator)
+                                SYN_INIT, SYN_SUBSAMPLE, derive_seed, generator)
+
+
+class BatchPlan:
+    """One global real mini-batch of the network's training, as every shard sees it.
+
+    The class composition is drawn from a stream all shards share, so each shard knows the
+    whole batch's layout (class-major: the m_c images of class c sit at offsets[c] ...
+    offsets[c] + m_c) without communication; each shard then fills in its own classes."""
+
+    def __init__(self, class_counts: list[int], batch: int, seed: int, keys: tuple[int, ...]):
+        g = generator(seed, NET_BATCH, *keys)
+        counts = torch.tensor(class_counts, dtype=torch.float)
+        self.per_class = torch.bincount(torch.multinomial(counts, batch, replacement=True, generator=g),
+                                        minlength=len(class_counts)).tolist()
+        self.offsets = [0]
+        for m in self.per_class[:-1]:
+            self.offsets.append(self.offsets[-1] + m)
+        self.batch, self.keys, self.seed = batch, keys, seed
+        self.labels = torch.tensor(range(len(class_counts))).repeat_interleave(torch.tensor(self.per_class))
+
+    def positions(self, c: int) -> slice:
+        return slice(self.offsets[c], self.offsets[c] + self.per_class[c])
 
 
 class RealImages(Protocol):
@@ -60,7 +82,17 @@ class ClassShard:
         self.num_classes = num_classes
         self.seed = seed
         self.device = torch.device(device)
-        self.dsa = DSA() if cfg.dsa else None
+        # Matching augmentation (one draw for the real and the synthetic batch) and the
+        # per-sample augmentation of the network's training.
+        self.dsa = None
+        self.net_aug = None
+        if cfg.dsa:
+            self.dsa = DSA.idc(cfg.match_strategy) if cfg.match_aug == "idc" else DSA(strategy=cfg.match_strategy)
+            self.net_aug = DSA.idc(cfg.net_strategy) if cfg.base == "idc" else DSA()
+        self.pixel = bool(cfg.pixel_space)
+        self.lr_img = cfg.lr_img * (cfg.lr_img_scale or 1.0)
+        self._m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).to(self.device)
+        self._s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).to(self.device)
         self.syn: dict[int, Tensor] = {}
         self.opt: dict[int, torch.optim.Optimizer] = {}
         self.selected: dict[int, Tensor] = {}
@@ -69,9 +101,15 @@ class ClassShard:
 
     # ------------------------------------------------------------------ synthetic set
 
+    def to_net(self, x: Tensor) -> Tensor:
+        """Stored synthetic images -> the network's input: pixel-space images are normalised
+        here, inside the differentiable forward (IDC); normalised ones pass through."""
+        return (x - self._m) / self._s if self.pixel else x
+
     def init_synthetic(self, net: nn.Module | None = None) -> dict[str, float]:
         """Initialise every class's IPC stored images (each an f×f tile of real images under
-        multi-formation): random real images, noise, or k-means medoids of `net`'s features."""
+        multi-formation): random real images, noise, or k-means medoids of `net`'s features.
+        Pixel-space images start in [0, 1] (noise as the IDC code: N(0.5, 0.25²) clamped)."""
         cfg, f = self.cfg, self.cfg.factor
         n = cfg.ipc * f * f
         t0 = time.perf_counter()
@@ -81,6 +119,8 @@ class ClassShard:
             if cfg.init == "noise":
                 shape = (cfg.ipc, *real.shape[1:])
                 img = torch.randn(shape, generator=g)
+                if self.pixel:
+                    img = (img / 4 + 0.5).clamp(0, 1)
             else:
                 if n > len(real):
                     raise ValueError(f"class {c}: ipc·f² = {n} exceeds its {len(real)} images")
@@ -93,14 +133,25 @@ class ClassShard:
                         kmeans.medoids(feats, n, niter=cfg.kmeans_iters, seed=derive_seed(self.seed, SYN_INIT, c) % 2**31))]
                 else:
                     idx = torch.randperm(len(real), generator=g)[:n]
-                img = tile(normalize(real[idx], self.mean, self.std), f)
+                chosen = real[idx].float() / 255 if self.pixel else normalize(real[idx], self.mean, self.std)
+                img = tile(chosen, f, cfg.tile_mode)
             self.syn[c] = img.to(self.device).requires_grad_(True)
-            self.opt[c] = torch.optim.SGD([self.syn[c]], lr=cfg.lr_img, momentum=cfg.momentum_img)
+            self.opt[c] = torch.optim.SGD([self.syn[c]], lr=self.lr_img, momentum=cfg.momentum_img)
         return {"time/init_syn": time.perf_counter() - t0}
 
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp pixel-space images to [0, 1] (IDC: at the start of every outer iteration).
+        The optimizer's momentum is kept, as in the reference."""
+        if self.pixel and self.cfg.clamp:
+            for c in self.classes:
+                self.syn[c].clamp_(0, 1)
+
     def synthetic(self) -> tuple[Tensor, Tensor]:
-        """(stored images (n·IPC, C, H, W), labels) of this shard, class-major."""
-        imgs = torch.cat([self.syn[c].detach().cpu() for c in self.classes])
+        """(stored images (n·IPC, C, H, W), labels) of this shard, class-major, NORMALISED
+        (what evaluation and export take), whatever space they are optimised in."""
+        with torch.no_grad():
+            imgs = torch.cat([self.to_net(self.syn[c].detach()).cpu() for c in self.classes])
         labels = torch.tensor(self.classes).repeat_interleave(self.cfg.ipc)
         return imgs, labels
 
@@ -166,6 +217,10 @@ class ClassShard:
             idx = self.real_batch(c, it, step)
             real = normalize(self.real.get(c)[idx].to(self.device), self.mean, self.std)
             syn = decode(self.syn[c], cfg.factor)
+            if len(syn) > cfg.batch_syn_max:
+                keep = torch.randperm(len(syn), generator=generator(self.seed, SYN_SUBSAMPLE, it, step, c))
+                syn = syn[keep[: cfg.batch_syn_max].to(self.device)]
+            syn = self.to_net(syn)
             if self.dsa is not None:
                 # Siamese: one draw, applied to both batches.
                 p = self.dsa.sample(1, real.shape[-1], device=self.device,
@@ -187,29 +242,58 @@ class ClassShard:
 
     # ------------------------------------------------------------------ network training
 
-    def real_grad(self, net: nn.Module, class_counts: list[int], batch: int, keys: tuple[int, ...],
-                  collect: Callable[[], None]) -> float:
-        """Accumulate into net's .grad this shard's share of the gradient of one global real
-        mini-batch of `batch` images (mean cross entropy over the whole batch).
+    @torch.no_grad()
+    def real_images(self, plan: BatchPlan, c: int) -> Tensor:
+        """Class c's images of the global batch `plan`, normalised and augmented per sample.
 
-        The global batch's class composition is drawn from `class_counts` (all classes) with
-        a stream every shard shares, so each shard knows its share without communication.
-        `collect()` is called after each class's backward (see engine.GradAccumulator)."""
-        g = generator(self.seed, NET_BATCH, *keys)
-        counts = torch.tensor(class_counts, dtype=torch.float)
-        per_class = torch.bincount(torch.multinomial(counts, batch, replacement=True, generator=g),
-                                   minlength=len(class_counts))
-        total = 0.0
+        The augmentation's geometric op is drawn once per batch (IDC's DiffAug chooses it
+        once per call) from a stream every shard shares; values per image from c's stream."""
+        m = plan.per_class[c]
+        idx = torch.randint(self.counts[c], (m,), generator=generator(self.seed, NET_BATCH, *plan.keys, c))
+        x = normalize(self.real.get(c)[idx].to(self.device), self.mean, self.std)
+        if self.net_aug is not None:
+            shared = None
+            if self.net_aug.mode == "I":
+                shared = self.net_aug.choose_groups(generator(self.seed, NET_AUG, *plan.keys))
+            p = self.net_aug.sample(m, x.shape[-1], device=self.device, per_sample=True, groups=shared,
+                                    generator=generator(self.seed, NET_AUG, *plan.keys, c))
+            x = self.net_aug.apply(x, p)
+        return x
+
+    def fill_real(self, plan: BatchPlan, out: Tensor) -> None:
+        """Write this shard's classes of the global batch into `out` (B, C, H, W) at their
+        positions; the other positions are left as they are (zeros, summed across shards)."""
         for c in self.classes:
-            m = int(per_class[c])
+            if plan.per_class[c]:
+                out[plan.positions(c)] = self.real_images(plan, c)
+
+    def real_grad(self, net: nn.Module, plan: BatchPlan, collect: Callable[[], None],
+                  full: Tensor | None = None, mix: CutMixDraw | None = None) -> float:
+        """Accumulate into net's .grad this shard's share of the gradient of one global real
+        mini-batch (mean cross entropy over the whole batch of plan.batch images).
+
+        mix: a CutMix draw over the global batch; then `full` holds the whole augmented batch
+        (every shard's classes, see fill_real) so an image can take its box from a partner of
+        another shard's class, and the loss mixes the two labels by area (IDC's train_epoch).
+        `collect()` is called after each class's backward (see engine.GradAccumulator)."""
+        total = 0.0
+        b = plan.batch
+        for c in self.classes:
+            m = plan.per_class[c]
             if m == 0:
                 continue
-            idx = torch.randint(self.counts[c], (m,), generator=generator(self.seed, NET_BATCH, *keys, c))
-            x = normalize(self.real.get(c)[idx].to(self.device), self.mean, self.std)
-            if self.dsa is not None:
-                x = self.dsa(x, generator=generator(self.seed, NET_AUG, *keys, c))
+            pos = plan.positions(c)
+            x = full[pos] if full is not None else self.real_images(plan, c)
             y = torch.full((m,), c, device=self.device)
-            loss = F.cross_entropy(net(x), y, reduction="sum") / batch
+            if mix is None:
+                loss = F.cross_entropy(net(x), y, reduction="sum") / b
+            else:
+                partner = mix.perm[pos].to(self.device)
+                mask = mix.mask(x.shape[-2], x.shape[-1], x.dtype, self.device)
+                out = net(x * (1 - mask) + full[partner] * mask)
+                y_b = plan.labels[mix.perm[pos]].to(self.device)
+                loss = ((1 - mix.area) * F.cross_entropy(out, y, reduction="sum")
+                        + mix.area * F.cross_entropy(out, y_b, reduction="sum")) / b
             loss.backward()
             collect()
             total += float(loss.detach())
@@ -221,9 +305,9 @@ class ClassShard:
         train the network on synthetic data between matching steps)."""
         total = 0.0
         for c in self.classes:
-            x = decode(self.syn[c].detach(), self.cfg.factor)
-            if self.dsa is not None:
-                x = self.dsa(x, generator=generator(self.seed, NET_AUG, *keys, c))
+            x = self.to_net(decode(self.syn[c].detach(), self.cfg.factor))
+            if self.net_aug is not None:
+                x = self.net_aug(x, generator=generator(self.seed, NET_AUG, *keys, c))
             y = torch.full((len(x),), c, device=self.device)
             loss = F.cross_entropy(net(x), y, reduction="sum") / total_images
             loss.backward()
@@ -242,7 +326,7 @@ class ClassShard:
         for c in self.classes:
             s = state[c]
             self.syn[c] = s["syn"].to(self.device).requires_grad_(True)
-            self.opt[c] = torch.optim.SGD([self.syn[c]], lr=self.cfg.lr_img, momentum=self.cfg.momentum_img)
+            self.opt[c] = torch.optim.SGD([self.syn[c]], lr=self.lr_img, momentum=self.cfg.momentum_img)
             self.opt[c].load_state_dict(s["opt"])
             if s.get("selected") is not None:
                 self.selected[c] = s["selected"]

@@ -29,9 +29,10 @@ from dream_dist.distill.engine import Distiller, balance_classes
 from dream_dist.distill.shard import ClassShard
 
 
-def resolve(cfg) -> DistillConfig:
-    """The run's DistillConfig with the dataset's defaults filled in."""
-    return preset(cfg.distill.method, **dict(cfg.distill.overrides)).resolved(cfg.dataset.name)
+def resolve(cfg, image_size: int | None = None) -> DistillConfig:
+    """The run's DistillConfig with the dataset's defaults filled in (image_size: the packed
+    images' side, for IDC's lr scaling; None = the dataset's known size)."""
+    return preset(cfg.distill.method, **dict(cfg.distill.overrides)).resolved(cfg.dataset.name, image_size)
 
 
 class TensorBoardLogger:
@@ -90,6 +91,7 @@ def prepare(cfg) -> Prepared:
     dcfg = resolve(cfg)
     root = ensure_packed(cfg)
     reader, test_reader = PackedReader(root, "train"), PackedReader(root, "test")
+    dcfg = resolve(cfg, reader.index["image_size"])
     classes = list(cfg.dataset.classes or range(len(reader.classes)))
     counts_all = list(reader.index["counts"])
     dcfg.check_data([counts_all[c] for c in classes])
@@ -122,8 +124,9 @@ def quick_eval(cfg, p: Prepared, images: torch.Tensor, labels: torch.Tensor, fac
     """One short evaluation run (distill.quick_eval_epochs epochs) of a synthetic set."""
     from dream_dist.evaluate import evaluate
 
-    quick = dataclasses.replace(cfg.eval, epochs=cfg.distill.quick_eval_epochs, runs=1)
-    return evaluate(images, labels, p.test, p.mean, p.std, quick, factor=factor, progress=False).mean
+    quick = dataclasses.replace(cfg.eval, epochs=cfg.distill.quick_eval_epochs, runs=1, curve_every=0)
+    return evaluate(images, labels, p.test, p.mean, p.std, quick, factor=factor, progress=False,
+                    dataset=cfg.dataset.name).mean
 
 
 def _distill_in_process(cfg, p: Prepared, out: Path, tb: TensorBoardLogger):
@@ -192,13 +195,13 @@ def finish(cfg, p: Prepared, images: torch.Tensor, labels: torch.Tensor, metrics
     def measure(imgs: torch.Tensor, labs: torch.Tensor, factor: int, name: str):
         if not cfg.distill.workers:
             return evaluate(imgs, labs, p.test, p.mean, p.std, cfg.eval, factor=factor, log_dir=out,
-                            name=name, progress=cfg.progress)
+                            name=name, progress=cfg.progress, dataset=cfg.dataset.name)
         # A Ray run evaluates on Ray too: the runs are independent tasks scheduled over the cluster.
         from dream_dist.ray_eval import evaluate_on_ray
 
         gpus = 1 if cfg.eval.device.startswith("cuda") else 0
         return evaluate_on_ray(imgs, labs, p.test, p.mean, p.std, [cfg.eval], factor=factor, num_gpus=gpus,
-                               log_dir=out, names=[name], progress=cfg.progress)[name]
+                               log_dir=out, names=[name], progress=cfg.progress, dataset=cfg.dataset.name)[name]
 
     rows = []
     res = measure(images, labels, dcfg.factor, cfg.distill.method)
