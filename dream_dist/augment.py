@@ -477,8 +477,8 @@ def dc_augment(x: Tensor, strategy: str = "crop_scale_rotate", generator: torch.
     """The DC code's (non-differentiable) evaluation augmentation, `augment` in its utils.py:
     every image gets ONE op of `strategy`, chosen uniformly per image:
 
-    crop: shift by an integer in [-crop, crop) on each axis, the border filled with the batch's
-        per-channel mean; scale: resize each axis by a factor in [1 - scale, 1 + scale]
+    crop: a window at offset r in [0, 2·crop) of a copy padded by `crop` px with the batch's
+        per-channel mean, per axis (the content moves by crop − r); scale: resize each axis by a factor in [1 - scale, 1 + scale]
         (nearest, as F.interpolate's default), centred and cropped/zero-padded back to size;
     rotate: an integer angle in [-rotate, rotate) degrees about the centre, filled with the
         mean of the channel means (the DC code rotates with scipy's cubic spline; this uses

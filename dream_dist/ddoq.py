@@ -398,7 +398,7 @@ def run_ddoq(cfg) -> dict:
         writer.close()
     print_table(rows, f"{cfg.dataset.name}: ddoq ({d.encoder}, {d.weighting} weights"
                       f"{', soft labels' if tag else ''}), {distill_seconds:.1f} s distill + "
-                      f"{enc_info['seconds']:.0f} s encoder; eval {cfg.eval.model}, {cfg.eval.epochs} "
+                      f"{enc_info['seconds']:.0f} s encoder; eval {cfg.eval.model}, {cfg.eval.resolved(cfg.dataset.name).epochs} "
                       f"epochs x {cfg.eval.runs} runs, last epoch")
     summary = {"dataset": cfg.dataset.name, "ddoq": dataclasses.asdict(d), "metrics": metrics, "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))

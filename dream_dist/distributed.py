@@ -32,10 +32,22 @@ def _load_merged(ckpt_dir: str) -> dict:
     files = sorted(Path(ckpt_dir).glob("rank*.pt"))
     if not files:
         raise FileNotFoundError(f"checkpoint {ckpt_dir} holds no rank*.pt files")
-    states = [torch.load(f, weights_only=False) for f in files]
+    from dream_dist.distill.engine import load_checkpoint
+
+    states = [load_checkpoint(f) for f in files]  # weights_only: a planted pickle never runs
     merged = dict(states[0])
     merged["classes"] = {c: s for st in states for c, s in st["classes"].items()}
     return merged
+
+
+def merged_synthetic(state: dict, dcfg, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised stored images, labels) of a merged checkpoint, sorted by class. Pixel-space
+    images (IDC base) are normalised here, as ClassShard.synthetic does in process."""
+    order = sorted(state["classes"])
+    images = torch.cat([state["classes"][c]["syn"] for c in order])
+    if dcfg.pixel_space:
+        images = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    return images, torch.tensor(order).repeat_interleave(dcfg.ipc)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -174,10 +186,5 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt_dir:
         state = _load_merged(ckpt_dir)
-    order = sorted(state["classes"])
-    images = torch.cat([state["classes"][c]["syn"] for c in order])
-    if dcfg.pixel_space:  # stored as pixels; evaluation and export take normalised images
-        mean, std = reader.mean_std
-        images = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    labels = torch.tensor(order).repeat_interleave(dcfg.ipc)
+    images, labels = merged_synthetic(state, dcfg, *reader.mean_std)
     return images, labels, result

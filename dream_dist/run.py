@@ -174,7 +174,7 @@ def run_coreset(cfg) -> dict:
         rows.append({"method": method, "ipc": cfg.coreset.ipc, **res.to_dict(),
                      "published": published(cfg.dataset.name, method, cfg.coreset.ipc)})
     print_table(rows, f"{cfg.dataset.name}: coresets, {cfg.eval.model}, "
-                      f"{cfg.eval.epochs} epochs x {cfg.eval.runs} runs (last epoch)")
+                      f"{cfg.eval.resolved(cfg.dataset.name).epochs} epochs x {cfg.eval.runs} runs (last epoch)")
     summary = {"dataset": cfg.dataset.name, "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"results: {out / 'results.json'}   grids: {out}/*.png   TensorBoard: tensorboard --logdir {out / 'tb'}")

@@ -336,7 +336,7 @@ def _trial_on_workers(cfg, p, tcfg: TuneConfig, trial_dir: Path, tb_dir: Path, r
     import torch
     from ray.util.queue import Queue
 
-    from dream_dist.distributed import _load_merged, distill_on_ray
+    from dream_dist.distributed import _load_merged, distill_on_ray, merged_synthetic
 
     ready, ack = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
     failure: list[Exception] = []
@@ -357,10 +357,7 @@ def _trial_on_workers(cfg, p, tcfg: TuneConfig, trial_dir: Path, tb_dir: Path, r
             if not thread.is_alive():
                 break
             continue
-        state = _load_merged(path)
-        order = sorted(state["classes"])
-        images = torch.cat([state["classes"][c]["syn"] for c in order])
-        labels = torch.tensor(order).repeat_interleave(p.dcfg.ipc)
+        images, labels = merged_synthetic(_load_merged(path), p.dcfg, p.mean, p.std)
         report(step, images, labels)
         ack.put(True)  # after the report: a trial ASHA stops ends here, its workers with it
     thread.join()

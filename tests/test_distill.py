@@ -8,7 +8,7 @@ from dream_dist import kmeans
 from dream_dist.coreset import extract_features
 from dream_dist.data.base import normalize
 from dream_dist.distill.config import DistillConfig, preset
-from dream_dist.distill.engine import Distiller, balance_classes
+from dream_dist.distill.engine import Distiller, balance_classes, load_checkpoint
 from dream_dist.distill.shard import ClassShard
 
 TINY = dict(model="convnet_tiny", init_images=256, batch_real=16, net_images=64, net_batch=32)
@@ -53,7 +53,7 @@ def test_resume_equals_uninterrupted(train, tmp_path):
     first.run(until_step=4)  # stops mid-way through the second outer iteration
     assert first.checkpoint_path.exists() and not list(tmp_path.glob("*.tmp"))
     resumed = make(train, cfg, balance_classes(train.counts(), 2), out_dir=tmp_path)
-    resumed.load_state_dict(torch.load(first.checkpoint_path, weights_only=False))
+    resumed.load_state_dict(load_checkpoint(first.checkpoint_path))
     assert resumed.global_step == 4
     resumed.run()
     torch.testing.assert_close(resumed.synthetic()[0], full.synthetic()[0], rtol=1e-5, atol=1e-5)
@@ -66,7 +66,7 @@ def test_checkpoint_from_other_config_is_refused(train, tmp_path):
     d.run()
     other = make(train, preset("idc", iterations=2, inner_steps=1, **TINY).resolved("digits"), [list(range(10))])
     with pytest.raises(ValueError, match="different config.*iterations"):
-        other.load_state_dict(torch.load(d.checkpoint_path, weights_only=False))
+        other.load_state_dict(load_checkpoint(d.checkpoint_path))
 
 
 def test_representative_batch_is_nearest_to_centres(train):

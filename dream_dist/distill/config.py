@@ -29,14 +29,19 @@ AUG_MODES = ("idc", "dsa")
 TILE_MODES = ("nearest", "antialias")
 # Image side the IDC code's tune_lr_img scales against: 28 only for MNIST, 32 otherwise.
 LR_BASE_SIZE = {"mnist": 28}
+# The size tune_lr_img sees: the DREAM code never sets args.size for TinyImageNet, so its
+# default 224 scales the lr (x49 at IPC 10); its published TinyImageNet lrs assume that.
+LR_SIZE = {"tinyimagenet": 224}
 KNOWN_SIZES = {"mnist": 28, "fashion_mnist": 28, "digits": 28, "cifar10": 32, "cifar100": 32,
                "tinyimagenet": 64}
 
 
 def tune_lr_img_scale(dataset: str, ipc: int, size: int) -> float:
     """IDC's tune_lr_img: the image lr is multiplied by ipc/10 × (size/base)², with base 28 for
-    'mnist' and 32 for everything else (so FashionMNIST at 28 px gets × 0.766)."""
+    'mnist' and 32 for everything else (so FashionMNIST at 28 px gets × 0.766); TinyImageNet
+    scales with 224, as the DREAM code's unset args.size does (docs/fidelity.md)."""
     base = LR_BASE_SIZE.get(dataset, 32)
+    size = LR_SIZE.get(dataset, size)
     return ipc / 10 * (size / base) ** 2
 
 
@@ -275,6 +280,8 @@ class DistillConfig:
                 r.net_steps = 0
         if r.lr_img is None:
             r.lr_img = {"idc": 5e-3 if r.metric != "l1" else 1e-4, "dc": 0.1, "dsa": 0.1, "dm": 1.0}[r.base]
+            if idc and dataset == "tinyimagenet" and r.ipc == 50:
+                r.lr_img = 1e-6  # misc/reproduce.py of the DREAM code
         if r.dsa is None:
             r.dsa = r.base != "dc"
         if r.selection == "representative" and r.batch_real % r.samples_per_cluster:

@@ -65,6 +65,40 @@ class GradAccumulator:
             p.grad = b.to(p.dtype)
 
 
+CHECKPOINT_FORMAT = "dream_dist.distill.checkpoint"
+CHECKPOINT_VERSION = 2
+"""Version 2: pixel-space synthetic images (issue 9). A version-1 checkpoint holds normalised
+images and would resume wrongly, so it is refused."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that dream_dist refuses to load (unsafe, foreign, or another version)."""
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a Distiller checkpoint WITHOUT running any code from it.
+
+    torch.load(weights_only=True) only rebuilds tensors, numbers, strings, lists and dicts,
+    so a pickle that carries code (a file dropped into a shared run directory) is refused
+    before anything in it runs. The file must also say it is a dream_dist checkpoint of this
+    version; otherwise it is refused with what differs."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError...: all mean "not ours"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused: not a checkpoint that loads without running code "
+                              f"(torch.load weights_only=True: {first})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: refused: not a dream_dist distillation checkpoint "
+                              f"(format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: refused: checkpoint version {state.get('version')!r}, this dream_dist "
+                              f"reads version {CHECKPOINT_VERSION} (start the run afresh)")
+    return state
+
+
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temp file, then rename: a crash never leaves a half-written file."""
     path = Path(path)
@@ -291,6 +325,7 @@ class Distiller:
         for s in self.shards:
             classes.update(s.state_dict())
         return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "it": self.it, "step": self.step, "classes": classes,
             "net": self.net.state_dict() if self.net is not None and self.step else None,
             "opt_net": self.opt_net.state_dict() if self.opt_net is not None and self.step else None,
@@ -300,7 +335,7 @@ class Distiller:
     def load_state_dict(self, state: dict) -> None:
         if state["config"] != asdict(self.cfg):
             diff = {k: (v, asdict(self.cfg).get(k)) for k, v in state["config"].items() if asdict(self.cfg).get(k) != v}
-            raise ValueError(f"checkpoint was written with a different config: {diff}")
+            raise CheckpointError(f"checkpoint was written with a different config: {diff}")
         for s in self.shards:
             s.load_state_dict(state["classes"])
         self.it, self.step = state["it"], state["step"]

@@ -114,8 +114,16 @@ def _plain(obj: Any, where: str) -> Any:
     DictConfigs, dataclasses, Paths, tuples and numpy scalars are converted; anything else
     is an error naming where it sits, rather than a file that later fails to load.
     """
-    if obj is None or isinstance(obj, (bool, int, float, str)):
+    if obj is None or type(obj) in (bool, int, float, str):
         return obj
+    if isinstance(obj, str):  # str subclasses (torch's TorchVersion) pickle as their class
+        return str(obj)
+    if isinstance(obj, bool):
+        return bool(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
     if isinstance(obj, Tensor):
         return obj.detach().cpu()
     if isinstance(obj, np.generic):

@@ -113,7 +113,13 @@ def make_distiller(cfg, p: Prepared, out: Path | None, log: Callable[[int, dict]
                   checkpoint_every=cfg.distill.checkpoint_every,
                   snapshot_steps=cfg.distill.snapshot_steps, progress=cfg.progress)
     if cfg.distill.resume and out is not None and d.checkpoint_path.exists():
-        d.load_state_dict(torch.load(d.checkpoint_path, weights_only=False))
+        from dream_dist.distill.engine import CheckpointError, load_checkpoint
+
+        try:
+            d.load_state_dict(load_checkpoint(d.checkpoint_path))
+        except CheckpointError as e:
+            msg = str(e)  # name the file whatever failed (the config check does not know it)
+            raise CheckpointError(msg if msg.startswith(str(d.checkpoint_path)) else f"{d.checkpoint_path}: {msg}") from None
         print(f"resumed from {d.checkpoint_path} at step {d.global_step}")
     else:
         d.initialize()
@@ -188,7 +194,10 @@ def finish(cfg, p: Prepared, images: torch.Tensor, labels: torch.Tensor, metrics
     from dream_dist.published import published
     from dream_dist.run import print_table
 
+    from dream_dist.environment import environment
+
     dcfg = p.dcfg
+    metrics = {**metrics, "environment": environment(cfg.device)}
     path = save_distilled(out / "distilled.pt", images, labels, dcfg.factor, p.reader.classes, p.mean, p.std,
                           config={"run": dataclasses.asdict(cfg), "distill": dataclasses.asdict(dcfg)},
                           metrics=metrics)
@@ -221,8 +230,9 @@ def finish(cfg, p: Prepared, images: torch.Tensor, labels: torch.Tensor, metrics
     where = f"{metrics['workers']} Ray workers" if metrics.get("workers") else "in-process"
     print_table(rows, f"{cfg.dataset.name}: {cfg.distill.method}, {dcfg.iterations}x{dcfg.inner_steps} steps "
                       f"({metrics['distill_seconds']:.0f} s distill + {metrics['startup_seconds']:.0f} s start-up, "
-                      f"{where}); eval {cfg.eval.model}, {cfg.eval.epochs} epochs x {cfg.eval.runs} runs, last epoch")
-    summary = {"dataset": cfg.dataset.name, "distill": dataclasses.asdict(dcfg), "metrics": metrics, "rows": rows}
+                      f"{where}); eval {cfg.eval.model}, {cfg.eval.resolved(cfg.dataset.name).epochs} epochs x {cfg.eval.runs} runs, last epoch")
+    summary = {"dataset": cfg.dataset.name, "distill": dataclasses.asdict(dcfg), "metrics": metrics, "rows": rows,
+               "environment": metrics["environment"]}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"distilled set: {path} (grid {path.with_suffix('.png')})\n"
           f"TensorBoard:   tensorboard --logdir {out / 'tb'}\nresults:       {out / 'results.json'}")
