@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -15,14 +14,9 @@ RESULTS = REPO / "docs" / "results"
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from dream_dist.environment import cpu_model
+
+    cpu = cpu_model()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads){gpu}")

@@ -201,14 +201,6 @@ class DSA:
             raise ValueError(f"n must be >= 1, got {n}")
         h, w = _size2(size)
         m = n if per_sample else 1
-        gdev = generator.device if generator is not None else torch.device("cpu")
-
-        def rand(*shape: int) -> Tensor:
-            return torch.rand(*shape, generator=generator, device=gdev)
-
-        def randint(low: int, high: int, *shape: int) -> Tensor:
-            return torch.randint(low, high, shape, generator=generator, device=gdev)
-
         if groups is None:
             groups = self.choose_groups(generator)
         else:

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from dream_dist.distill.matching import DISTANCES, LOSSES
+from dream_dist.formation import TILE_MODES
 
 BASES = ("dc", "dsa", "dm", "idc")
 SELECTIONS = ("random", "representative")
 INITS = ("real", "noise", "cluster")
 NET_UPDATES = ("real", "syn", "none")
 AUG_MODES = ("idc", "dsa")
-TILE_MODES = ("nearest", "antialias")
 # Image side the IDC code's tune_lr_img scales against: 28 only for MNIST, 32 otherwise.
 LR_BASE_SIZE = {"mnist": 28}
 # The size tune_lr_img sees: the DREAM code never sets args.size for TinyImageNet, so its
