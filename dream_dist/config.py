@@ -7,20 +7,18 @@ path, so a typo such as `coreset.ipcs=10` fails at once instead of after an hour
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from dream_dist.ddoq import DDOQConfig
+from dream_dist.errors import ConfigError
 from dream_dist.evaluate import EvalConfig
 from dream_dist.kd import KDConfig
 from dream_dist.observer import ObserverConfig
 from dream_dist.rded import RDEDConfig
 from dream_dist.tune import TuneConfig
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
 
 
 @dataclass
@@ -33,6 +31,9 @@ class DataConfig:
     """Directory of packed shards to read (written by task=pack); None = read the source."""
     classes: list[int] | None = None
     """Restrict to these class ids (None = all)."""
+    on_corrupt: str = "error"
+    """A corrupt sample (an undecodable source image, or a bad sample in a packed shard): error
+    (stop, naming it) or skip (leave it out; the count and keys are logged)."""
 
     def __post_init__(self) -> None:
         from dream_dist.data import SOURCES, _register_builtin
@@ -40,6 +41,8 @@ class DataConfig:
         _register_builtin()
         if self.name not in SOURCES:
             raise ConfigError(f"dataset.name: unknown dataset {self.name!r}; known: {', '.join(sorted(SOURCES))}")
+        if self.on_corrupt not in ("error", "skip"):
+            raise ConfigError(f"dataset.on_corrupt: unknown {self.on_corrupt!r}; choose one of error, skip")
 
 
 @dataclass
@@ -121,12 +124,20 @@ class DistillRunConfig:
     def __post_init__(self) -> None:
         from dream_dist.distill.config import preset
 
+        from dream_dist.distill.config import PRESETS, DistillConfig
+
+        if self.method not in PRESETS:
+            raise ConfigError(f"distill.method: unknown {self.method!r}; choose one of {', '.join(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(DistillConfig)}
+        bad = sorted(set(self.overrides) - fields)
+        if bad:
+            raise ConfigError(f"distill.overrides: unknown key(s) {bad}; allowed: {', '.join(sorted(fields))}")
         try:
             preset(self.method, **dict(self.overrides))
-        except TypeError as e:
-            raise ConfigError(f"distill.overrides: {e}") from None
-        except ValueError as e:
-            raise ConfigError(f"distill: {e}") from None
+        except (TypeError, ValueError) as e:
+            # DistillConfig names its fields distill.<field>; on the command line they are
+            # distill.overrides.<field>.
+            raise ConfigError(re.sub(r"^distill\.", "distill.overrides.", str(e))) from None
         for name in ("shards", "checkpoint_every", "quick_eval_epochs", "grid_every", "memory_budget_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"distill.{name} must be >= 1")
@@ -194,11 +205,20 @@ def build(cls: type, values: Mapping[str, Any] | None, path: str = "") -> Any:
         kwargs[name] = value
     try:
         return cls(**kwargs)
-    except ConfigError as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith(path) else f"{path}{msg}") from None
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path or cls.__name__}: {e}") from None
+        raise ConfigError(_keyed(str(e), path, names)) from None
+
+
+def _keyed(msg: str, path: str, names: set[str]) -> str:
+    """`msg` led by its full key path: a message that starts with a field name of the section
+    gets the section's path ('epochs must be ...' in eval -> 'eval.epochs must be ...');
+    others get the section ('eval: ...')."""
+    if not path or msg.startswith(path):
+        return msg
+    head = re.match(r"[A-Za-z_]\w*", msg)
+    if head and head.group(0) in names:
+        return path + msg
+    return f"{path.rstrip('.')}: {msg}"
 
 
 def to_dict(cfg: Any) -> dict:

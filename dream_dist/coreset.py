@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dream_dist.data.base import ImageSet, normalize
+from dream_dist.errors import DataError
 from dream_dist.kmeans import FlatIndex
 from dream_dist.models import build_model
 from dream_dist.seeding import derive_seed, generator
@@ -89,7 +90,7 @@ def select(method: str, features: Tensor, ipc: int, seed: int = 0) -> Tensor:
     if not isinstance(ipc, int) or ipc < 1:
         raise ValueError(f"ipc must be a positive int, got {ipc!r}")
     if ipc > n:
-        raise ValueError(f"cannot select ipc={ipc} samples from a class of only {n}")
+        raise DataError(f"cannot select ipc={ipc} samples from a class of only {n}")
     if method == "random":
         return _random(n, ipc, seed)
     if features.shape[1] == 0:
@@ -208,6 +209,6 @@ def build_coreset(
             # Each class draws from its own stream of `seed` (dream_dist.seeding).
             local = select(method, feats_c, ipc, seed=derive_seed(seed, 0, c))
         except ValueError as e:
-            raise ValueError(f"class {c} ({train.classes[c]!r}): {e}") from None
+            raise DataError(f"class {c} ({train.classes[c]!r}): {e}") from None
         chosen.append(idx_c[local])
     return train.subset(torch.cat(chosen))

@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from dream_dist.data.base import ImageSet, denormalize, normalize
 from dream_dist.encoders import ENCODERS, AutoencoderConfig, Encoder, encoder_options
+from dream_dist.errors import DataError
 from dream_dist.kmeans import KMEANS_INITS, cluster_masses, minibatch_kmeans
 from dream_dist.seeding import CLUSTER, derive_seed
 
@@ -231,7 +232,7 @@ def distill_class(encoder: Encoder, images: Tensor, mean, std, cfg: DDOQConfig, 
                   device: str = "cpu") -> tuple[Tensor, Quantized]:
     """One class: uint8 images -> (decoded centroids, normalised float (ipc, C, H, W), Quantized)."""
     if cfg.ipc > len(images):
-        raise ValueError(f"ipc={cfg.ipc} centroids need at least as many images; the class has {len(images)}")
+        raise DataError(f"ipc={cfg.ipc} centroids need at least as many images; the class has {len(images)}")
     z = encode_images(encoder, images, mean, std, cfg.batch_size, device)
     q = quantize(z, cfg.ipc, cfg.kmeans_batch_size, cfg.kmeans_iterations, seed, cfg.kmeans_init)
     return decode_latents(encoder, q.centroids, mean, std, cfg.batch_size, device), q
@@ -248,7 +249,7 @@ def distill(train: ImageSet, encoder: Encoder, mean, std, cfg: DDOQConfig, seed:
         try:
             dec, q = distill_class(encoder, x, mean, std, cfg, class_seed(seed, c), device)
         except ValueError as e:
-            raise ValueError(f"class {c} ({train.classes[c]!r}): {e}") from None
+            raise DataError(f"class {c} ({train.classes[c]!r}): {e}") from None
         imgs.append(dec)
         labels.append(torch.full((cfg.ipc,), c, dtype=torch.int64))
         weights.append(class_weights(q.masses, cfg.weighting))
@@ -342,7 +343,7 @@ def run_ddoq(cfg) -> dict:
     small = [(c, counts[c]) for c in classes if counts[c] < d.ipc]
     if small:  # before any compute
         c, n = small[0]
-        raise ValueError(f"ddoq.ipc={d.ipc} is larger than class {c} ({train.classes[c]!r}), which has "
+        raise DataError(f"ddoq.ipc={d.ipc} is larger than class {c} ({train.classes[c]!r}), which has "
                          f"only {n} training images")
     writer = SummaryWriter(str(out / "tb" / "ddoq"))
     try:
@@ -397,9 +398,9 @@ def run_ddoq(cfg) -> dict:
     finally:
         writer.close()
     print_table(rows, f"{cfg.dataset.name}: ddoq ({d.encoder}, {d.weighting} weights"
-                      f"{', soft labels' if tag else ''}), {distill_seconds:.1f} s distill + "
-                      f"{enc_info['seconds']:.0f} s encoder; eval {cfg.eval.model}, {cfg.eval.resolved(cfg.dataset.name).epochs} "
-                      f"epochs x {cfg.eval.runs} runs, last epoch")
+                      f"{', soft labels' if tag else ''}); eval {cfg.eval.model}, "
+                      f"{cfg.eval.resolved(cfg.dataset.name).epochs} epochs x {cfg.eval.runs} runs, last epoch",
+                timing=f"distill {distill_seconds:.1f} s + encoder {enc_info['seconds']:.0f} s")
     summary = {"dataset": cfg.dataset.name, "ddoq": dataclasses.asdict(d), "metrics": metrics, "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"distilled set: {path} (grid {path.with_suffix('.png')}, weights {out / 'weights.png'})\n"

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import torch
 
+from dream_dist.errors import CheckpointError
+
 
 def _load_merged(ckpt_dir: str) -> dict:
     """Merge the per-rank checkpoint files into one Distiller state."""
     files = sorted(Path(ckpt_dir).glob("rank*.pt"))
     if not files:
-        raise FileNotFoundError(f"checkpoint {ckpt_dir} holds no rank*.pt files")
+        raise CheckpointError(f"checkpoint {ckpt_dir} holds no rank*.pt files")
     from dream_dist.distill.engine import load_checkpoint
 
     states = [load_checkpoint(f) for f in files]  # weights_only: a planted pickle never runs
@@ -67,7 +69,7 @@ def train_loop_per_worker(config: dict) -> None:
     if device == "cuda":
         device = str(ray.train.torch.get_device())
 
-    reader = PackedReader(root, "train")
+    reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
     counts_all = reader.index["counts"]
     classes = cfg.dataset.classes or list(range(len(counts_all)))
     counts = [counts_all[c] if c in classes else 0 for c in range(len(counts_all))]
@@ -167,7 +169,7 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
     from dream_dist.data.shards import PackedReader
 
     root = packed if packed is not None else ensure_packed(cfg)
-    reader = PackedReader(root, "train")
+    reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
     dcfg = resolve(cfg, reader.index["image_size"])
     ensure_ray()
     storage = Path(storage or Path(cfg.out_dir) / "ray").resolve()

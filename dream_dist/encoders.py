@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dream_dist.data.base import ImageSet, denormalize, normalize
+from dream_dist.errors import CheckpointError, DataNotFoundError
 from dream_dist.seeding import generator
 
 __all__ = [
@@ -278,16 +279,16 @@ def load_autoencoder(path: str | Path, device: str = "cpu") -> ConvAutoencoder:
     """Read a file written by `save_autoencoder` (weights_only=True)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no autoencoder file (train one with "
+        raise DataNotFoundError(f"{path}: no autoencoder file (train one with "
                                 f"dream_dist.encoders.train_autoencoder, or leave ddoq.encoder_path "
                                 f"empty to train one in the run)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True): "
+        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True): "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if not isinstance(state, dict) or state.get("format") != AE_FORMAT:
-        raise ValueError(f"{path}: not a dream_dist autoencoder file (expected format {AE_FORMAT!r})")
+        raise CheckpointError(f"{path}: not a dream_dist autoencoder file (expected format {AE_FORMAT!r})")
     model = ConvAutoencoder(state["channels"], state["im_size"], state["width"],
                             state["latent_channels"], state["downsample"], state["mean"], state["std"])
     model.load_state_dict(state["state_dict"])
@@ -302,12 +303,12 @@ def _autoencoder(channels: int, im_size: int, mean, std, path=None, device: str 
                          "(task=ddoq trains one when ddoq.encoder_path is empty)")
     model = load_autoencoder(path, device)
     if (model.channels, model.im_size) != (channels, im_size):
-        raise ValueError(f"{path}: the autoencoder is for {model.channels}x{model.im_size}px images, "
+        raise CheckpointError(f"{path}: the autoencoder is for {model.channels}x{model.im_size}px images, "
                          f"the dataset has {channels}x{im_size}px")
     for name, ours, theirs in (("mean", model.mean, mean), ("std", model.std, std)):
         theirs = [float(v) for v in torch.as_tensor(theirs).flatten()]
         if ours is not None and not torch.allclose(torch.tensor(ours), torch.tensor(theirs), atol=1e-3):
-            raise ValueError(f"{path}: the autoencoder was trained on images normalised with {name} "
+            raise CheckpointError(f"{path}: the autoencoder was trained on images normalised with {name} "
                              f"{ours}, the dataset uses {theirs}: retrain it on this dataset")
     return model
 
@@ -376,7 +377,7 @@ def _diffusers_vae(channels: int, im_size: int, mean, std, path=None, device: st
                          "AutoencoderKL (config.json + weights); nothing is downloaded")
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a directory; diffusers_vae loads an AutoencoderKL from a "
+        raise DataNotFoundError(f"{root}: not a directory; diffusers_vae loads an AutoencoderKL from a "
                                 f"local directory only (from_pretrained(..., local_files_only=True))")
     vae = AutoencoderKL.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
     return DiffusersVAE(vae.to(device).eval(), channels, im_size, mean, std, image_size)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from dream_dist.augment import DEFAULT_STRATEGY, DSA, cutmix, dc_augment, remove_groups
 from dream_dist.data.base import ImageSet, normalize
+from dream_dist.errors import DataError
 from dream_dist.formation import decode, decode_labels
 from dream_dist.models import MODELS, NORMS, build_model
 from dream_dist.seeding import derive_seed
@@ -117,10 +118,10 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; known models: "
+            raise ValueError(f"model: unknown {self.model!r}; known models: "
                              f"{', '.join(sorted(MODELS))}")
         if self.norm is not None and self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}; allowed: {', '.join(NORMS)} or None")
+            raise ValueError(f"norm: unknown {self.norm!r}; allowed: {', '.join(NORMS)} or None")
         if self.width is not None and self.width < 1:
             raise ValueError(f"width must be >= 1 or None, got {self.width}")
         for name in ("epochs", "batch_size", "runs", "test_batch_size"):
@@ -132,9 +133,9 @@ class EvalConfig:
         if not isinstance(self.curve_every, int) or self.curve_every < 0:
             raise ValueError(f"curve_every must be an int >= 0, got {self.curve_every!r}")
         if self.protocol is not None and self.protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+            raise ValueError(f"protocol: unknown {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if self.aug_mode not in AUG_MODES:
-            raise ValueError(f"unknown aug_mode {self.aug_mode!r}; choose one of {', '.join(AUG_MODES)}")
+            raise ValueError(f"aug_mode: unknown {self.aug_mode!r}; choose one of {', '.join(AUG_MODES)}")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number >= 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -142,7 +143,7 @@ class EvalConfig:
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of "
+            raise ValueError(f"schedule: unknown {self.schedule!r}; choose one of "
                              f"{', '.join(SCHEDULES)}")
         if self.cutmix_prob is not None and not 0 <= self.cutmix_prob <= 1:
             raise ValueError(f"cutmix_prob must be in [0, 1], got {self.cutmix_prob}")
@@ -446,7 +447,7 @@ def _check_set(images: Tensor, labels: Tensor, test: ImageSet) -> None:
         raise ValueError(f"labels must be integer class ids of shape ({images.shape[0]},), got "
                          f"{labels.dtype} {tuple(labels.shape)}")
     if tuple(images.shape[1:]) != (test.channels, test.size, test.size):
-        raise ValueError(f"images are {tuple(images.shape[1:])} but the test set is "
+        raise DataError(f"images are {tuple(images.shape[1:])} but the test set is "
                          f"{(test.channels, test.size, test.size)} (C, H, W)")
 
 

@@ -105,10 +105,10 @@ class KDConfig:
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; known: "
+            raise ValueError(f"model: unknown {self.model!r}; known: "
                              f"{', '.join(sorted(MODELS))}")
         if self.norm is not None and self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}; allowed: {', '.join(NORMS)}")
+            raise ValueError(f"norm: unknown {self.norm!r}; allowed: {', '.join(NORMS)}")
         if self.width is not None and (not isinstance(self.width, int) or self.width < 1):
             raise ValueError(f"width must be a positive int or None, got {self.width!r}")
         for name in ("epochs", "runs", "test_batch_size"):

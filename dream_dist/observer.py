@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from dream_dist.data.base import ImageSet
+from dream_dist.errors import CheckpointError, DataError, DataNotFoundError
 from dream_dist.models import MODELS, build_model
 
 __all__ = [
@@ -76,7 +77,7 @@ class ObserverConfig:
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; known: "
+            raise ValueError(f"model: unknown {self.model!r}; known: "
                              f"{', '.join(sorted(MODELS))}")
         if self.width is not None and (not isinstance(self.width, int) or self.width < 1):
             raise ValueError(f"width must be a positive int or None, got {self.width!r}")
@@ -140,10 +141,10 @@ def read_classes_file(path: str | Path) -> list[str]:
     """Class names, one per line (blank lines ignored)."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"observer.classes_file {p} does not exist")
+        raise DataNotFoundError(f"observer.classes_file: {p} does not exist")
     names = [line.strip() for line in p.read_text().splitlines() if line.strip()]
     if not names:
-        raise ValueError(f"observer.classes_file {p} lists no class names")
+        raise DataError(f"observer.classes_file: {p} lists no class names")
     return names
 
 
@@ -152,13 +153,13 @@ def _check_class_order(found: Sequence[str], expected: Sequence[str], where: str
     found, expected = [str(c) for c in found], [str(c) for c in expected]
     for i, (a, b) in enumerate(zip(found, expected)):
         if a != b:
-            raise ValueError(
+            raise DataError(
                 f"{where}: class order mismatch at index {i}: the observer's class {i} is {a!r} "
                 f"but the dataset's class {i} is {b!r}. Its outputs would be scored against the "
                 f"wrong classes; use an observer trained with the dataset's class index "
                 f"(or fix observer.classes_file)")
     if len(found) != len(expected):
-        raise ValueError(
+        raise DataError(
             f"{where}: the observer has {len(found)} classes but the dataset has {len(expected)} "
             f"(first {min(len(found), len(expected))} agree); class order must match exactly")
 
@@ -196,7 +197,7 @@ def load_observer(path: str | Path, classes: Sequence[str], device: str = "cpu",
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"observer checkpoint {path} does not exist")
+        raise DataNotFoundError(f"observer checkpoint {path} does not exist (set observer.path to a file, or null to train one)")
     try:
         # weights_only: a checkpoint from elsewhere may hold pickled code; never run it.
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -205,12 +206,12 @@ def load_observer(path: str | Path, classes: Sequence[str], device: str = "cpu",
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         first = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else
                      type(e).__name__)
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: refused: not loadable with torch.load(weights_only=True) ({first}). "
             f"Observer checkpoints must hold only tensors, lists, dicts, numbers and strings; "
             f"re-save the model's state_dict()") from None
     if not isinstance(state, dict):
-        raise ValueError(  # noqa: TRY004 - a bad file is a bad value, like every error here
+        raise CheckpointError(
             f"{path}: expected a dict (our checkpoint or a state dict), got "
             f"{type(state).__name__}")
 
@@ -226,10 +227,10 @@ def load_observer(path: str | Path, classes: Sequence[str], device: str = "cpu",
     else:
         sd = state.get("state_dict", state)  # {"state_dict": ...} wrappers are common
         if not isinstance(sd, dict) or not sd or not all(isinstance(v, Tensor) for v in sd.values()):
-            raise ValueError(f"{path}: neither a dream_dist observer checkpoint nor a state dict "
+            raise CheckpointError(f"{path}: neither a dream_dist observer checkpoint nor a state dict "
                              f"of tensors")
         if file_classes is None:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: a bare state dict carries no class names, so its class order cannot "
                 f"be checked; refusing. Pass observer.classes_file (one class name per line, in "
                 f"the observer's output order)")
@@ -239,7 +240,7 @@ def load_observer(path: str | Path, classes: Sequence[str], device: str = "cpu",
             first_conv = next((v for v in sd.values() if v.dim() == 4), None)
             channels = int(first_conv.shape[1]) if first_conv is not None else None
         if channels is None or image_size is None:
-            raise ValueError(f"{path}: a bare state dict needs channels and image_size "
+            raise CheckpointError(f"{path}: a bare state dict needs channels and image_size "
                              f"(the dataset's) to rebuild the {model!r} network")
     _check_class_order(ckpt_classes, classes, str(path))
 
@@ -247,7 +248,7 @@ def load_observer(path: str | Path, classes: Sequence[str], device: str = "cpu",
     try:
         net.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit model {model!r} (width {width}, {channels} "
+        raise CheckpointError(f"{path}: weights do not fit model {model!r} (width {width}, {channels} "
                          f"channels, {image_size} px): {str(e).splitlines()[0]} ...") from None
     same = (mean is None or std is None or ckpt_mean is None
             or (torch.allclose(torch.tensor(ckpt_mean), torch.as_tensor(mean, dtype=torch.float32))

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dream_dist.data.base import ImageSet, normalize
+from dream_dist.errors import DataError
 from dream_dist.formation import decode
 from dream_dist.kd import random_resized_crop
 from dream_dist.observer import soft_labels
@@ -113,7 +114,7 @@ class RDEDConfig:
     def resolved_factor(self, image_size: int) -> int:
         f = self.factor if self.factor is not None else (2 if image_size >= 64 else 1)
         if image_size % f:
-            raise ValueError(f"factor {f} does not divide the image size {image_size}")
+            raise DataError(f"rded.factor {f} does not divide the image size {image_size}")
         return f
 
     def check_counts(self, counts: dict[int, int], factor: int) -> None:
@@ -122,7 +123,7 @@ class RDEDConfig:
         for c, n in counts.items():
             have = min(n, self.images_per_class)
             if have < need:
-                raise ValueError(
+                raise DataError(
                     f"class {c}: rded.ipc={self.ipc} x factor² {factor * factor} = {need} crops "
                     f"needs {need} source images, but only {have} are available "
                     f"(class size {n}, rded.images_per_class={self.images_per_class})")
@@ -301,7 +302,8 @@ def run_rded(cfg) -> dict:
 
     rcfg, out = cfg.rded, Path(cfg.out_dir)
     root = ensure_packed(cfg)
-    reader, test_reader = PackedReader(root, "train"), PackedReader(root, "test")
+    reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
+    test_reader = PackedReader(root, "test", on_corrupt=cfg.dataset.on_corrupt)
     classes = list(cfg.dataset.classes or range(len(reader.classes)))
     counts_all = reader.index["counts"]
     factor = rcfg.resolved_factor(reader.index["image_size"])
@@ -345,9 +347,10 @@ def run_rded(cfg) -> dict:
         base = evaluate_kd(normalize(core.images, mean, std), core.labels, observer, test, mean,
                            std, kcfg, log_dir=out, name="random_kd", progress=cfg.progress)
         rows.append({"method": "random (KD)", "ipc": rcfg.ipc, **base.to_dict(), "published": None})
-    print_table(rows, f"{cfg.dataset.name}: RDED f={factor}, {distill_seconds:.0f} s distill; "
+    print_table(rows, f"{cfg.dataset.name}: RDED f={factor}; "
                       f"KD eval {kcfg.model}, {kcfg.epochs} epochs x {kcfg.runs} runs, last epoch, "
-                      f"soft labels (not comparable with hard-label tables)")
+                      f"soft labels (not comparable with hard-label tables)",
+                timing=f"distill {distill_seconds:.0f} s")
     summary: dict[str, Any] = {"dataset": cfg.dataset.name, "rded": dataclasses.asdict(rcfg),
                                "factor": factor, "metrics": metrics, "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -12,6 +12,8 @@ package), turned into typed dataclasses and validated before any compute starts.
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,7 +44,7 @@ def compose(overrides: list[str] | None = None):
 
     from dream_dist.config import RunConfig, build
 
-    overrides = _experiment_file(list(overrides or []))
+    overrides = _argv_overrides(list(overrides or []))
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     return build(RunConfig, OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
@@ -108,8 +110,10 @@ def ensure_packed(cfg) -> Path:
     if fp is not None and all(p.exists() and json.loads(p.read_text()).get("source_fingerprint") == fp
                               for p in idx.values()):
         return out
-    train = load_dataset(cfg.dataset.name, "train", root=cfg.dataset.root)
-    test = load_dataset(cfg.dataset.name, "test", root=cfg.dataset.root)
+    # Image-file sources can leave out undecodable files (dataset.on_corrupt=skip).
+    opts = {"on_corrupt": cfg.dataset.on_corrupt} if cfg.dataset.name in ("imagefolder", "tinyimagenet") else {}
+    train = load_dataset(cfg.dataset.name, "train", root=cfg.dataset.root, **opts)
+    test = load_dataset(cfg.dataset.name, "test", root=cfg.dataset.root, **opts)
     stats = train.mean_std()
     for split, data in (("train", train), ("test", test)):
         p = idx[split]
@@ -139,7 +143,8 @@ def load_packed_splits(cfg):
     from dream_dist.data.shards import PackedReader
 
     root = ensure_packed(cfg)
-    train_r, test_r = PackedReader(root, "train"), PackedReader(root, "test")
+    train_r = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
+    test_r = PackedReader(root, "test", on_corrupt=cfg.dataset.on_corrupt)
     train = train_r.load_classes(cfg.dataset.classes)
     test = test_r.load_classes(cfg.dataset.classes)
     mean, std = train_r.mean_std
@@ -181,14 +186,18 @@ def run_coreset(cfg) -> dict:
     return summary
 
 
-def print_table(rows: list[dict], title: str) -> None:
+def print_table(rows: list[dict], title: str, timing: str = "") -> None:
+    """The accuracy table. Wall times go on a line of their own after it, so the table itself
+    is the same on every run of the same command on the same machine."""
+    w = max([12] + [len(str(r["method"])) + 2 for r in rows])
     print(f"\n{title}")
-    print(f"{'method':<12}{'IPC':>5}  {'accuracy %':>16}  {'published':>9}  {'time s':>7}")
+    print(f"{'method':<{w}}{'IPC':>5}  {'accuracy %':>16}  {'published':>9}")
     for r in rows:
         pub = f"{r['published']:.1f}" if r.get("published") is not None else "-"
         acc = f"{r['mean']:.2f} ± {r['std']:.2f}"
-        print(f"{r['method']:<12}{r['ipc']:>5}  {acc:>16}  {pub:>9}  {r['seconds']:>7.0f}")
-    print()
+        print(f"{r['method']:<{w}}{r['ipc']:>5}  {acc:>16}  {pub:>9}")
+    times = ", ".join(f"{r['method']} {r['seconds']:.0f} s" for r in rows if r.get("seconds") is not None)
+    print(f"time: {timing + '; ' if timing else ''}evaluation {times}\n")
 
 
 def run_distill(cfg) -> dict:
@@ -225,22 +234,8 @@ TASKS = {"distill": run_distill, "coreset": run_coreset, "pack": run_pack, "ddoq
          "train_observer": run_train_observer, "rded": run_rded, "tune": run_tune}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("config groups and defaults: see", conf_dir())
-        return {}
-    from dream_dist.config import ConfigError
-
-    try:
-        cfg = compose(argv)
-    except ConfigError as e:
-        raise SystemExit(f"dream-dist: bad config: {e}") from None
-    except Exception as e:  # Hydra's own override/composition errors
-        if type(e).__module__.startswith(("hydra", "omegaconf")):
-            raise SystemExit(f"dream-dist: bad config: {e}") from None
-        raise
+def run(cfg) -> dict:
+    """Run one validated RunConfig: threads and seed set, out_dir made, the task's summary returned."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -251,12 +246,132 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def cli() -> int:
-    """The `dream-dist` console script: exit status 0 on success. (Its wrapper calls
-    sys.exit(cli()); returning main()'s result dict would print it and exit with status 1.)"""
-    main()
+def main(argv: list[str] | None = None) -> dict:
+    """Programmatic entry: compose the overrides in `argv`, validate, run, return the task's
+    summary. Errors are raised (DreamDistError for a user's mistake); `cli` is the command."""
+    return run(compose(sys.argv[1:] if argv is None else argv))
+
+
+# ---------------------------------------------------------------------------- command line
+#
+# `dream-dist` is Hydra's own command line (hydra.main): --help, --cfg job|hydra|all,
+# -m/--multirun over comma-separated values, hydra.run.dir / hydra.sweep.dir, --info,
+# shell completion. Before Hydra starts, every job of the (multi)run is composed and
+# validated, so a bad value fails at once in one line, even in the last job of a sweep.
+
+HYDRA_FLAGS_WITHOUT_RUN = ("help", "hydra_help", "version", "cfg", "info", "shell_completion")
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def _fail(err: BaseException) -> None:
+    """One line on stderr and exit status 2, for a mistake the user can fix."""
+    from dream_dist.errors import one_line
+
+    msg = one_line(err)
+    override = getattr(err, "override", None)  # Hydra's override-syntax errors carry it
+    if isinstance(override, str) and override not in msg:
+        msg = f"{override}: {msg}"
+    # Hydra appends its search path to a missing-option message: not the user's business.
+    msg = msg.split(" Config search path:")[0]
+    unknown = re.match(r"Could not override '([^']+)'", msg)
+    if unknown:
+        msg = f"{unknown.group(1)}: unknown key (dream-dist --help lists the groups and keys)"
+    print(f"dream-dist: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _is_user_error(err: BaseException) -> bool:
+    from dream_dist.errors import DreamDistError
+
+    return isinstance(err, DreamDistError) or type(err).__module__.startswith(("hydra", "omegaconf"))
+
+
+def _argv_overrides(argv: list[str]) -> list[str]:
+    """Rewrite what plain Hydra would refuse or cannot express:
+    - `distill.overrides.KEY=V` -> `++distill.overrides.KEY=V` (an open dict: no `+` needed);
+    - `experiment_file=PATH` -> an experiment registered in Hydra's ConfigStore (see compose)."""
+    out = []
+    for a in argv:
+        if a.startswith("distill.overrides.") and "=" in a:
+            a = "++" + a
+        out.append(a)
+    return _experiment_file(out)
+
+
+def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of every job: the cartesian product of comma-separated sweeps with -m."""
+    if not multirun:
+        return [overrides]
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.get_key_element()
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        choices.append([f"{key}={v}" for v in values])
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The `dream-dist` command (also `python -m dream_dist.run` and `python dream_dist/run.py`).
+
+    Returns 0 on success (its wrapper calls sys.exit(cli())); a user's mistake exits 2 with
+    one line; HYDRA_FULL_ERROR=1 shows the traceback instead."""
+    from hydra._internal.utils import get_args_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _argv_overrides(argv)
+        args = get_args_parser().parse_args(argv)
+        runs = not any(getattr(args, f, None) for f in HYDRA_FLAGS_WITHOUT_RUN)
+        if runs and not (args.config_path or args.config_name or args.config_dir):
+            for job in _jobs(args.overrides, args.multirun):
+                compose(job)
+    except Exception as e:  # noqa: BLE001 - sorted into a user's mistake or a bug just below
+        if _full_error() or not _is_user_error(e):
+            raise
+        _fail(e)
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "dream-dist", *argv]
+    try:
+        _hydra_entry()
+    except SystemExit as e:  # Hydra ends --help / --cfg / --info with sys.exit(0)
+        if e.code not in (0, None):
+            raise
+    finally:
+        sys.argv = saved
     return 0
 
 
+def _task(cfg) -> dict | None:
+    """Hydra's task function: one job. Its output directory is Hydra's (hydra.run.dir, or
+    hydra.sweep.dir/<job number> under -m), which defaults to out_dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from dream_dist.config import RunConfig, build
+
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        values["out_dir"] = HydraConfig.get().runtime.output_dir
+        return run(build(RunConfig, values))
+    except Exception as e:  # noqa: BLE001
+        if _full_error() or not _is_user_error(e):
+            raise
+        _fail(e)
+        return None
+
+
+def _hydra_entry() -> None:
+    import hydra
+
+    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -256,3 +256,52 @@ def test_pack_cifar_imagefolder_and_repack_of_packed(tmp_path):
         # Re-packing packed data (the WebDataset source) is lossless too.
         pack(again, tmp_path / f"pp_{name}", "train", source="packed", progress=False)
         assert torch.equal(load_dataset("packed", "train", root=tmp_path / f"pp_{name}").images, again.images)
+
+
+def _zero_sample_payload(shard, member_index: int) -> str:
+    """Overwrite one sample's image bytes with zeros in place (same file size, valid tar)."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(".png")]
+    m = members[member_index]
+    with open(shard, "r+b") as f:
+        f.seek(m.offset_data)
+        f.write(b"\0" * m.size)
+    return m.name.rsplit(".", 1)[0]
+
+
+def test_on_corrupt_skip_leaves_a_bad_sample_out_and_logs_it(tmp_path, digits, caplog):
+    train, _ = digits
+    pack(train, tmp_path, "train", source="digits", progress=False)
+    reader = PackedReader(tmp_path, "train")
+    shard = tmp_path / reader.index["shards"]["3"][0]["file"]
+    whole = reader.load_class(3)
+    key = _zero_sample_payload(shard, 5)
+
+    with pytest.raises(ShardError, match=f"sample {key} cannot be decoded"):
+        PackedReader(tmp_path, "train").load_class(3)  # the default stays "error"
+    with caplog.at_level("WARNING"):
+        skip = PackedReader(tmp_path, "train", on_corrupt="skip")
+    assert skip.skipped == [f"{shard.name}:{key}"]
+    assert "skipped 1 corrupt sample" in caplog.text and key in caplog.text
+    assert skip.index["counts"][3] == reader.index["counts"][3] - 1  # every consumer sees the readable count
+    got = skip.load_class(3)
+    assert torch.equal(got, torch.cat([whole[:5], whole[6:]]))
+    assert torch.equal(skip.load_class(4), reader.load_class(4))
+
+
+def test_on_corrupt_skip_for_an_image_folder(tmp_path, caplog):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "b" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="1.png: cannot decode"):
+        load_dataset("imagefolder", "train", root=tmp_path)
+    with caplog.at_level("WARNING"):
+        ds = load_dataset("imagefolder", "train", root=tmp_path, on_corrupt="skip")
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1] and "skipped 1 corrupt image" in caplog.text
+    assert ds.images[4].float().mean() == 80  # b/2.png, after b/0.png: b/1.png is left out

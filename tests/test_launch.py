@@ -93,9 +93,9 @@ def test_run_py_copied_alone_finds_the_package_configs(tmp_path):
     script = tmp_path / "run.py"
     shutil.copy(REPO / "dream_dist" / "run.py", script)
     assert not (tmp_path.parent / "conf").exists()
-    out = _run(sys.executable, str(script), "--help", cwd=tmp_path)
+    out = _run(sys.executable, str(script), "--info", "searchpath", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    conf = Path(out.stdout.rsplit("see", 1)[1].strip())
+    conf = Path(next(ln for ln in out.stdout.splitlines() if "| main" in ln).split("file://")[1].strip(" |"))
     assert conf.name == "conf" and conf.parent.name == "dream_dist" and (conf / "config.yaml").exists()
     # A composition from that copy: the override is validated against the package's configs.
     code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('run', sys.argv[1]); "
@@ -107,7 +107,7 @@ def test_run_py_copied_alone_finds_the_package_configs(tmp_path):
     assert out.stdout.split() == [str(conf), "2", "mnist"]
     # A bad key is still refused with the config error, not a missing-file error.
     out = _run(sys.executable, str(script), "task=nope", cwd=tmp_path)
-    assert out.returncode != 0 and "bad config: task: unknown 'nope'" in out.stderr
+    assert out.returncode == 2 and "dream-dist: error: task: unknown 'nope'" in out.stderr
 
 
 def test_wheel_carries_the_configs(tmp_path):

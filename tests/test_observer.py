@@ -121,7 +121,7 @@ def test_soft_labels(observer_ckpt, digits):
 
 @pytest.mark.parametrize("override,msg", [
     ("observer.epochs=0", "observer.*epochs must be a positive int"),
-    ("observer.model=vgg", "observer.*unknown model 'vgg'"),
+    ("observer.model=vgg", "observer.model: unknown 'vgg'"),
     ("observer.classes_file=x.txt", "observer.*classes_file is only used with observer.path"),
 ])
 def test_bad_observer_config_refused(override, msg):

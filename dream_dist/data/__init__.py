@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from dream_dist.data.base import ImageSet, denormalize, normalize
+from dream_dist.errors import DataNotFoundError
 
 __all__ = ["ImageSet", "SOURCES", "load_dataset", "normalize", "denormalize", "register_source"]
 
@@ -59,7 +60,7 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
         raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
     path = Path(root) if root is not None else default_root(name)
     if path is not None and not path.exists():
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"dataset {name!r}: directory {path} does not exist (pass root=... or set DREAM_DIST_DATA)"
         )
     return SOURCES[name](path, split, **options)

@@ -14,16 +14,17 @@ import torch
 
 from dream_dist.data import register_source
 from dream_dist.data.base import ImageSet
+from dream_dist.errors import DataError, DataNotFoundError
 
 
 def _unpickle(path: Path) -> dict:
     if not path.exists():
-        raise FileNotFoundError(f"CIFAR batch {path} not found")
+        raise DataNotFoundError(f"CIFAR batch {path} not found")
     try:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="bytes")
     except Exception as e:  # pickle raises many types on corrupt input
-        raise ValueError(f"{path}: not a readable CIFAR pickle batch ({e})") from e
+        raise DataError(f"{path}: not a readable CIFAR pickle batch ({e})") from e
 
 
 def _get(d: dict, key: str):
@@ -40,7 +41,7 @@ def _stack(root: Path, files: list[str], label_key: str) -> tuple[np.ndarray, np
         d = _unpickle(root / name)
         data = np.asarray(_get(d, "data"), dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
-            raise ValueError(f"{root / name}: data has shape {data.shape}, expected (N, 3072)")
+            raise DataError(f"{root / name}: data has shape {data.shape}, expected (N, 3072)")
         xs.append(data.reshape(-1, 3, 32, 32))
         ys.append(np.asarray(_get(d, label_key), dtype=np.int64))
     return np.concatenate(xs), np.concatenate(ys)

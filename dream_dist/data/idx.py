@@ -15,6 +15,7 @@ import torch
 
 from dream_dist.data import register_source
 from dream_dist.data.base import ImageSet
+from dream_dist.errors import DataError, DataNotFoundError
 
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -26,7 +27,7 @@ FASHION_CLASSES = [
 ]
 
 
-class IDXError(ValueError):
+class IDXError(DataError):
     """A malformed IDX file."""
 
 
@@ -40,7 +41,7 @@ def _open(path: Path) -> bytes:
                 except (OSError, EOFError) as e:
                     raise IDXError(f"{p}: not a readable gzip file ({e})") from e
             return p.read_bytes()
-    raise FileNotFoundError(f"IDX file {path}(.gz) not found")
+    raise DataNotFoundError(f"IDX file {path}(.gz) not found")
 
 
 def read_idx(path: Path, expect_magic: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -29,13 +30,16 @@ from tqdm.auto import tqdm
 
 from dream_dist.data import register_source
 from dream_dist.data.base import ImageSet
+from dream_dist.errors import ConfigError, DataError, DataNotFoundError
 
 FORMAT = "dream_dist.packed"
 VERSION = 1
 ENCODINGS = ("png", "npy")
+ON_CORRUPT = ("error", "skip")
+log = logging.getLogger(__name__)
 
 
-class ShardError(RuntimeError):
+class ShardError(DataError, RuntimeError):
     """A packed shard is missing, truncated, corrupt, or disagrees with its index."""
 
 
@@ -77,7 +81,7 @@ def _decode(data: bytes, encoding: str, channels: int) -> np.ndarray:
         arr = np.asarray(im, dtype=np.uint8)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     if arr.shape[0] != channels:
-        raise ValueError(f"decoded {arr.shape[0]} channels, index says {channels}")
+        raise DataError(f"decoded {arr.shape[0]} channels, index says {channels}")
     return arr
 
 
@@ -156,12 +160,17 @@ class PackedReader:
     check that a worker touched only its own classes' shards.
     """
 
-    def __init__(self, root: str | Path, split: str = "train"):
+    def __init__(self, root: str | Path, split: str = "train", on_corrupt: str = "error"):
+        if on_corrupt not in ON_CORRUPT:
+            raise ConfigError(f"dataset.on_corrupt: unknown {on_corrupt!r}; choose one of {', '.join(ON_CORRUPT)}")
         self.root = Path(root)
         self.split = split
+        self.on_corrupt = on_corrupt
+        self.skipped: list[str] = []  # on_corrupt="skip": keys of the skipped samples, once each
+        self._skip_keys: set[str] = set()
         path = index_path(self.root, split)
         if not path.exists():
-            raise FileNotFoundError(f"no index {path}: run `dream-dist task=pack` first")
+            raise DataNotFoundError(f"no index {path}: run `dream-dist task=pack` first")
         try:
             self.index = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -173,6 +182,26 @@ class PackedReader:
         for c, entries in self.index["shards"].items():
             if sum(e["count"] for e in entries) != self.index["counts"][int(c)]:
                 raise ShardError(f"{path}: shard counts of class {c} do not add up to its count")
+        if on_corrupt == "skip":
+            self._count_readable()
+
+    def _count_readable(self) -> None:
+        """on_corrupt="skip": one decoding pass over the split, so that every consumer sees the
+        counts of the readable samples (the index's counts include the corrupt ones)."""
+        counts = [sum(1 for _ in self.iter_class(c)) for c in range(self.index["num_classes"])]
+        self.index = {**self.index, "counts": counts}
+        if self.skipped:
+            shown = ", ".join(self.skipped[:20]) + (" ..." if len(self.skipped) > 20 else "")
+            log.warning("%s: skipped %d corrupt sample(s) (dataset.on_corrupt=skip): %s",
+                        self.index_file, len(self.skipped), shown)
+
+    def _corrupt(self, err: ShardError, key: str) -> None:
+        """A corrupt sample: raise (on_corrupt="error"), or record its key and go on."""
+        if self.on_corrupt == "error":
+            raise err
+        if key not in self._skip_keys:
+            self._skip_keys.add(key)
+            self.skipped.append(key)
 
     @property
     def classes(self) -> list[str]:
@@ -199,13 +228,13 @@ class PackedReader:
         import webdataset as wds
 
         if not path.exists():
-            raise ShardError(f"shard {path} listed in {self.index_file} for class {c} is missing")
+            self._corrupt(ShardError(f"shard {path} listed in {self.index_file} for class {c} is missing"),
+                          f"{path.name}:<missing shard>")
+            return
         size = path.stat().st_size
         if size != entry["bytes"]:
-            raise ShardError(
-                f"shard {path} has {size} bytes but {self.index_file} says {entry['bytes']}: "
-                "truncated or replaced"
-            )
+            self._corrupt(ShardError(f"shard {path} has {size} bytes but {self.index_file} says "
+                                     f"{entry['bytes']}: truncated or replaced"), f"{path.name}:<size>")
         self.opened.append(str(path))
         enc, channels = self.index["encoding"], self.index["channels"]
         key, n = "<start of shard>", 0
@@ -214,18 +243,25 @@ class PackedReader:
             for sample in pipe:
                 key = sample["__key__"]
                 if enc not in sample or int(sample.get("cls", b"-1")) != c:
-                    raise ShardError(f"shard {path}: sample {key} lacks .{enc} or is not of class {c}")
+                    self._corrupt(ShardError(f"shard {path}: sample {key} lacks .{enc} or is not of class {c}"),
+                                  f"{path.name}:{key}")
+                    continue
                 try:
                     img = _decode(sample[enc], enc, channels)
                 except Exception as e:
-                    raise ShardError(f"shard {path}: sample {key} cannot be decoded ({e})") from e
+                    self._corrupt(ShardError(f"shard {path}: sample {key} cannot be decoded ({e})"),
+                                  f"{path.name}:{key}")
+                    continue
                 n += 1
                 yield key, img
         except ShardError:
             raise
         except Exception as e:  # tarfile/webdataset errors on corrupt or truncated data
-            raise ShardError(f"shard {path}: corrupt after sample {key} ({type(e).__name__}: {e})") from e
-        if n != entry["count"]:
+            # The rest of the shard is unreadable: under skip, it counts as skipped.
+            self._corrupt(ShardError(f"shard {path}: corrupt after sample {key} ({type(e).__name__}: {e})"),
+                          f"{path.name}:<after {key}>")
+            return
+        if n != entry["count"] and self.on_corrupt == "error":
             raise ShardError(f"shard {path}: read {n} samples after {key}, index says {entry['count']}")
 
     def load_class(self, c: int) -> torch.Tensor:
@@ -283,7 +319,7 @@ class ClassCache:
 
 
 @register_source("packed")
-def load_packed(root: Path, split: str, classes: list[int] | None = None) -> ImageSet:
+def load_packed(root: Path, split: str, classes: list[int] | None = None, on_corrupt: str = "error") -> ImageSet:
     if root is None:
-        raise ValueError("dataset 'packed' needs root=<directory written by pack>")
-    return PackedReader(root, split).load_classes(classes)
+        raise ConfigError("dataset.root: dataset 'packed' needs root=<directory written by pack>")
+    return PackedReader(root, split, on_corrupt=on_corrupt).load_classes(classes)

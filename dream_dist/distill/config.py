@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dream_dist.distill.matching import DISTANCES, LOSSES
+from dream_dist.errors import DataError
 from dream_dist.formation import TILE_MODES
 
 BASES = ("dc", "dsa", "dm", "idc")
@@ -295,16 +296,16 @@ class DistillConfig:
         n = counts[small]
         need = self.ipc * (self.factor or 1) ** 2
         if self.init != "noise" and need > n:
-            raise ValueError(
-                f"distill.ipc: {self.ipc} images per class x factor² {(self.factor or 1) ** 2} = {need} "
+            raise DataError(
+                f"distill.overrides.ipc: {self.ipc} images per class x factor² {(self.factor or 1) ** 2} = {need} "
                 f"real images needed to initialise, but class {small} has only {n}")
         if self.ipc > n:
-            raise ValueError(f"distill.ipc ({self.ipc}) is larger than class {small} ({n} images)")
+            raise DataError(f"distill.overrides.ipc ({self.ipc}) is larger than class {small} ({n} images)")
         if self.selection == "representative":
             pool = n if self.cluster_pool is None else min(n, self.cluster_pool)
             if (self.batch_real or 0) > pool:
-                raise ValueError(
-                    f"distill: k ({self.clusters}) clusters x samples_per_cluster ({self.samples_per_cluster}) "
+                raise DataError(
+                    f"distill.overrides.batch_real: k ({self.clusters}) clusters x samples_per_cluster ({self.samples_per_cluster}) "
                     f"= {self.batch_real} exceeds the {pool} images clustered in class {small}")
 
     @property

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from dream_dist.augment import cutmix_draw
 from dream_dist.distill.config import DistillConfig
 from dream_dist.distill.shard import BatchPlan, ClassShard
+from dream_dist.errors import CheckpointError
 from dream_dist.models import build_model
 from dream_dist.seeding import INIT_NET, NET_INIT, NET_MIX, WARMUP, derive_seed, generator
 
@@ -69,10 +70,6 @@ CHECKPOINT_FORMAT = "dream_dist.distill.checkpoint"
 CHECKPOINT_VERSION = 2
 """Version 2: pixel-space synthetic images (issue 9). A version-1 checkpoint holds normalised
 images and would resume wrongly, so it is refused."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that dream_dist refuses to load (unsafe, foreign, or another version)."""
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -25,6 +25,7 @@ from dream_dist.coreset import extract_features
 from dream_dist.data.base import normalize
 from dream_dist.distill.config import DistillConfig
 from dream_dist.distill.matching import match_loss
+from dream_dist.errors import DataError
 from dream_dist.formation import decode, tile
 from dream_dist.seeding import (CLUSTER, DSA_DRAW, NET_AUG, NET_BATCH, POOL, REAL_BATCH,
                                 SYN_INIT, SYN_SUBSAMPLE, derive_seed, generator)
@@ -123,7 +124,7 @@ class ClassShard:
                     img = (img / 4 + 0.5).clamp(0, 1)
             else:
                 if n > len(real):
-                    raise ValueError(f"class {c}: ipc·f² = {n} exceeds its {len(real)} images")
+                    raise DataError(f"class {c}: ipc·f² = {n} exceeds its {len(real)} images")
                 if cfg.init == "cluster":
                     if net is None:
                         raise ValueError("cluster init needs the trained network")
@@ -180,7 +181,7 @@ class ClassShard:
             t1 = time.perf_counter()
             k = cfg.batch_real // cfg.samples_per_cluster
             if k * cfg.samples_per_cluster > len(pool):
-                raise ValueError(f"class {c}: {k} clusters x {cfg.samples_per_cluster} samples "
+                raise DataError(f"class {c}: {k} clusters x {cfg.samples_per_cluster} samples "
                                  f"exceed its {len(pool)} clustered images")
             cent, _ = kmeans.kmeans(feats, k, niter=cfg.kmeans_iters,
                                     seed=derive_seed(self.seed, CLUSTER, it, step, c) % 2**31)

@@ -90,7 +90,8 @@ def prepare(cfg) -> Prepared:
 
     dcfg = resolve(cfg)
     root = ensure_packed(cfg)
-    reader, test_reader = PackedReader(root, "train"), PackedReader(root, "test")
+    reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
+    test_reader = PackedReader(root, "test", on_corrupt=cfg.dataset.on_corrupt)
     dcfg = resolve(cfg, reader.index["image_size"])
     classes = list(cfg.dataset.classes or range(len(reader.classes)))
     counts_all = list(reader.index["counts"])
@@ -229,8 +230,9 @@ def finish(cfg, p: Prepared, images: torch.Tensor, labels: torch.Tensor, metrics
                      "published": published(cfg.dataset.name, "random", dcfg.ipc)})
     where = f"{metrics['workers']} Ray workers" if metrics.get("workers") else "in-process"
     print_table(rows, f"{cfg.dataset.name}: {cfg.distill.method}, {dcfg.iterations}x{dcfg.inner_steps} steps "
-                      f"({metrics['distill_seconds']:.0f} s distill + {metrics['startup_seconds']:.0f} s start-up, "
-                      f"{where}); eval {cfg.eval.model}, {cfg.eval.resolved(cfg.dataset.name).epochs} epochs x {cfg.eval.runs} runs, last epoch")
+                      f"({where}); eval {cfg.eval.model}, {cfg.eval.resolved(cfg.dataset.name).epochs} epochs "
+                      f"x {cfg.eval.runs} runs, last epoch",
+                timing=f"distill {metrics['distill_seconds']:.0f} s + start-up {metrics['startup_seconds']:.0f} s")
     summary = {"dataset": cfg.dataset.name, "distill": dataclasses.asdict(dcfg), "metrics": metrics, "rows": rows,
                "environment": metrics["environment"]}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
