@@ -178,6 +178,17 @@ class RunConfig:
             raise ConfigError(f"task: unknown {self.task!r}; known: {', '.join(TASKS)}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads must be >= 1")
+        # In-process compute on an absent GPU is an error, not a silent CPU fallback. Ray runs
+        # are exempt: their driver may be a CPU head node whose workers hold the GPUs.
+        on_ray = self.task == "tune" or (self.task == "distill" and self.distill.workers > 0) or \
+            (self.task == "rded" and self.rded.workers > 0)
+        for key, device in (("device", self.device), ("eval.device", self.eval.device), ("kd.device", self.kd.device)):
+            if str(device).startswith("cuda") and not on_ray:
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise ConfigError(f"{key}: {device!r} requested but CUDA is not available here "
+                                      f"(torch {torch.__version__}); use device=cpu or a CUDA machine")
         if self.out_dir is None:
             self.out_dir = f"outputs/{self.task}/{self.dataset.name}"
         if self.pack.out is None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dream_dist.errors import CheckpointError
+from dream_dist.errors import CheckpointError, ConfigError
 
 
 def _load_merged(ckpt_dir: str) -> dict:
@@ -65,8 +65,10 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config.get("threads_per_worker", 1))
-    device = "cuda" if cfg.device.startswith("cuda") and torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    device = "cpu"
+    if cfg.device.startswith("cuda"):
+        if not torch.cuda.is_available():  # an error, never a silent CPU fallback
+            raise ConfigError(f"device: {cfg.device!r} requested but Ray worker {rank} has no CUDA device")
         device = str(ray.train.torch.get_device())
 
     reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
@@ -181,7 +183,8 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
                            "log_dir": str(Path(log_dir).resolve()) if log_dir else None,
                            "threads_per_worker": cfg.threads or 1},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": 1}),
+                                     # A worker runs cfg.threads torch threads: reserve them.
+                                     resources_per_worker={"CPU": cfg.threads or 1}),
         run_config=RunConfig(name="distill", storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )

@@ -147,3 +147,17 @@ def test_same_settings_give_a_bit_identical_set_and_accuracies(tmp_path):
     assert [(r["method"], r["accs"]) for r in a["rows"]] == [(r["method"], r["accs"]) for r in b["rows"]]
     env = json.loads((tmp_path / "a" / "results.json").read_text())["environment"]
     assert env["threads"] == 1 and env["torch"] == torch.__version__ and env["cpu"] and env["faiss"]
+
+
+def test_seed_and_device_reach_evaluation_and_kd_unless_set_there():
+    cfg = compose(["seed=3"])
+    assert (cfg.eval.seed, cfg.kd.seed, cfg.eval.device, cfg.kd.device) == (3, 3, "cpu", "cpu")
+    cfg = compose(["seed=3", "eval.seed=5", "eval=idc"])
+    assert (cfg.eval.seed, cfg.kd.seed) == (5, 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("override", ["device=cuda", "eval.device=cuda:0", "kd.device=cuda"])
+def test_absent_cuda_is_an_error_not_a_silent_cpu_fallback(override):
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        compose([override])
