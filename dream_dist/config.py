@@ -52,13 +52,28 @@ class PackConfig:
     encoding: str = "png"
     """Sample encoding: png (smaller) or npy (faster to write)."""
     max_per_shard: int = 2000
-    """Samples per tar shard; each shard holds one class."""
+    """Samples per tar shard; each shard holds one class (also the most images an image-file
+    source holds decoded at once while packing)."""
+    size: int | None = None
+    """Image-file sources (imagefolder, tinyimagenet, imagenet): resize to size x size while
+    packing (None = keep; mixed sizes then fail with a hint)."""
+    resize: str = "shorter"
+    """How `size` is reached: shorter (shorter side to size, centre crop) or square (stretch)."""
+    workers: int = 0
+    """Image-file sources: 0 = pack in this process; N = classes fan out to N Ray tasks at a
+    time (same bytes; `pack.out` must be storage every node sees)."""
 
     def __post_init__(self) -> None:
         if self.encoding not in ("png", "npy"):
             raise ConfigError(f"pack.encoding must be png or npy, got {self.encoding!r}")
         if self.max_per_shard < 1:
             raise ConfigError("pack.max_per_shard must be >= 1")
+        if self.size is not None and self.size < 1:
+            raise ConfigError(f"pack.size must be >= 1 or null, got {self.size}")
+        if self.resize not in ("shorter", "square"):
+            raise ConfigError(f"pack.resize: unknown {self.resize!r}; choose one of shorter, square")
+        if self.workers < 0:
+            raise ConfigError(f"pack.workers must be >= 0, got {self.workers}")
 
 
 @dataclass
@@ -113,8 +128,9 @@ class DistillRunConfig:
     """Global inner steps after which the synthetic set is saved for later evaluation."""
     baseline: bool = True
     """Also evaluate a random real coreset of the same IPC, for the comparison table."""
-    memory_budget_mb: int = 4096
-    """Decoded real images kept in memory; over budget, classes stream from shards again."""
+    memory_budget_mb: float = 4096
+    """Decoded real images kept in memory (MB); a class over the budget is not cached: a step
+    reads only its batch's samples from the shards (whole-class clustering streams the class)."""
     workers: int = 0
     """0 = run the class shards in this process; N >= 1 = one class shard on each of N Ray Train
     workers (joins the running cluster when there is one, else starts Ray locally). Same result."""
@@ -138,9 +154,11 @@ class DistillRunConfig:
             # DistillConfig names its fields distill.<field>; on the command line they are
             # distill.overrides.<field>.
             raise ConfigError(re.sub(r"^distill\.", "distill.overrides.", str(e))) from None
-        for name in ("shards", "checkpoint_every", "quick_eval_epochs", "grid_every", "memory_budget_mb"):
+        for name in ("shards", "checkpoint_every", "quick_eval_epochs", "grid_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"distill.{name} must be >= 1")
+        if not self.memory_budget_mb > 0:
+            raise ConfigError(f"distill.memory_budget_mb must be > 0, got {self.memory_budget_mb}")
         if self.quick_eval_every < 0:
             raise ConfigError("distill.quick_eval_every must be >= 0")
         if self.workers < 0 or self.max_failures < 0:

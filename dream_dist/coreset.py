@@ -184,6 +184,12 @@ def train_feature_net(
     return net.eval()
 
 
+def random_indices(n: int, ipc: int, seed: int, c: int) -> Tensor:
+    """Positions within class `c` (of `n` images) that build_coreset("random", ...) picks, from
+    the count alone: a driver can take them from the shards without loading the class."""
+    return select("random", torch.empty(n, 0), ipc, seed=derive_seed(seed, 0, c))
+
+
 def build_coreset(
     method: str, train: ImageSet, ipc: int, seed: int = 0, features: Tensor | None = None
 ) -> ImageSet:

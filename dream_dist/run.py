@@ -101,9 +101,12 @@ def ensure_packed(cfg) -> Path:
     else the same pixel checksum."""
     from dream_dist.data import load_dataset
     from dream_dist.data.shards import checksum, index_path, pack
+    from dream_dist.data.stream import FILE_SOURCES
 
     if cfg.dataset.packed is not None:
         return Path(cfg.dataset.packed)
+    if cfg.dataset.name in FILE_SOURCES:
+        return _ensure_packed_files(cfg)
     out = Path(cfg.pack.out)
     fp = source_fingerprint(cfg.dataset.name, cfg.dataset.root)
     idx = {s: index_path(out, s) for s in ("train", "test")}
@@ -126,6 +129,34 @@ def ensure_packed(cfg) -> Path:
             tmp = p.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(index, indent=2))
             tmp.replace(p)  # atomic: a reader never sees half an index
+    return out
+
+
+def _ensure_packed_files(cfg) -> Path:
+    """Image-file sources: streamed class by class (bounded memory, resumable, optionally on
+    Ray tasks); a split is reused when its index records the same files and resize."""
+    from dream_dist.config import ConfigError
+    from dream_dist.data import default_root
+    from dream_dist.data.shards import index_path
+    from dream_dist.data.stream import FILE_SOURCES, pack_files
+
+    name, p = cfg.dataset.name, cfg.pack
+    root = cfg.dataset.root if cfg.dataset.root is not None else default_root(name)
+    if root is None:
+        raise ConfigError(f"dataset.root: dataset {name!r} needs dataset.root=<directory>")
+    out = Path(p.out)
+    want = {"size": p.size, "mode": p.resize if p.size is not None else None}
+    mean_std = None
+    for split in ("train", "test"):
+        src = FILE_SOURCES[name](root, split)
+        idx = index_path(out, split)
+        index = json.loads(idx.read_text()) if idx.exists() else {}
+        if not (index.get("source_fingerprint") == src.fingerprint() and index.get("resize") == want
+                and index.get("encoding") == p.encoding):
+            index = pack_files(src, out, split, size=p.size, resize=p.resize, encoding=p.encoding,
+                               max_per_shard=p.max_per_shard, mean_std=mean_std, workers=p.workers,
+                               progress=cfg.progress, on_corrupt=cfg.dataset.on_corrupt)
+        mean_std = (index["mean"], index["std"])  # the test split records the train statistics
     return out
 
 

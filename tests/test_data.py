@@ -305,3 +305,17 @@ def test_on_corrupt_skip_for_an_image_folder(tmp_path, caplog):
         ds = load_dataset("imagefolder", "train", root=tmp_path, on_corrupt="skip")
     assert ds.labels.tolist() == [0, 0, 0, 1, 1] and "skipped 1 corrupt image" in caplog.text
     assert ds.images[4].float().mean() == 80  # b/2.png, after b/0.png: b/1.png is left out
+
+
+def test_per_sample_reads_return_the_whole_class_pixels(tmp_path, digits):
+    train, _ = digits
+    pack(train, tmp_path, "train", source="digits", max_per_shard=50, progress=False)
+    reader = PackedReader(tmp_path, "train")
+    whole = reader.load_class(5)
+    idx = torch.tensor([0, 49, 50, 51, len(whole) - 1, 7, 7])  # across shard boundaries, repeats
+    fresh = PackedReader(tmp_path, "train")
+    assert torch.equal(fresh.read_samples(5, idx), whole[idx])
+    per_image = reader.index["shards"]["5"][0]["offsets"][0][1]
+    assert fresh.bytes_read < 10 * per_image * 2  # only those samples' bytes, not the class
+    cache = ClassCache(fresh, budget_bytes=1000)  # smaller than one class: never cached
+    assert torch.equal(cache.take(5, idx), whole[idx]) and cache.used == 0 and cache.reads == 0

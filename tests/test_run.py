@@ -105,15 +105,19 @@ def test_ensure_packed_reuses_a_packed_copy_without_reading_the_source(tmp_path,
                     tmp_path / "src" / split / c / f"{i}.png")
     cfg = compose(["dataset=imagefolder", f"dataset.root={tmp_path / 'src'}", f"pack.out={tmp_path / 'packed'}",
                    "progress=false"])
-    reads = []
+    import dream_dist.data.stream as stream
+
+    reads = []  # (split, class) of every class decoded
+    real_pack_class = stream.pack_class
+    monkeypatch.setattr(stream, "pack_class", lambda files, c, out, split, *a, **k:
+                        reads.append((split, c)) or real_pack_class(files, c, out, split, *a, **k))
     real_load = data.load_dataset
-    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: reads.append(a) or real_load(*a, **k))
     out = ensure_packed(cfg)
-    assert len(reads) == 2  # train + test read once to pack
-    assert ensure_packed(cfg) == out and len(reads) == 2  # unchanged: no read at all
+    assert sorted(reads) == [("test", 0), ("test", 1), ("train", 0), ("train", 1)]  # each class read once
+    assert ensure_packed(cfg) == out and len(reads) == 4  # unchanged: no read at all
     Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "src" / "train" / "a" / "0.png")
     ensure_packed(cfg)
-    assert len(reads) == 4  # a changed file: read and checked again
+    assert sorted(reads[4:]) == [("train", 0), ("train", 1)]  # a changed train file: that split again
     from dream_dist.data.shards import PackedReader
 
     assert torch.equal(PackedReader(out, "train").load_classes([0]).images[0],
@@ -161,3 +165,18 @@ def test_seed_and_device_reach_evaluation_and_kd_unless_set_there():
 def test_absent_cuda_is_an_error_not_a_silent_cpu_fallback(override):
     with pytest.raises(ConfigError, match="CUDA is not available"):
         compose([override])
+
+
+def test_a_tiny_memory_budget_gives_the_same_set(tmp_path):
+    """Over the budget no class is cached: matching batches and network batches are read per
+    sample from the shards, clustering streams each class, the baseline reads its picks."""
+    args = [f"pack.out={tmp_path}/packed", "progress=false", "threads=1", "distill.overrides.width=8",
+            "distill.overrides.iterations=1", "distill.overrides.inner_steps=2", "distill.overrides.batch_real=16",
+            "distill.overrides.net_images=64", "distill.overrides.init_images=256", "eval.width=8",
+            "eval.epochs=2", "eval.runs=1"]
+    big = main([f"out_dir={tmp_path}/big", *args])
+    tiny = main([f"out_dir={tmp_path}/tiny", *args, "distill.memory_budget_mb=0.05"])  # < one digits class
+    a = torch.load(tmp_path / "big" / "distilled.pt", weights_only=True)
+    b = torch.load(tmp_path / "tiny" / "distilled.pt", weights_only=True)
+    assert torch.equal(a["images"], b["images"])
+    assert [r["accs"] for r in big["rows"]] == [r["accs"] for r in tiny["rows"]]  # the baseline too

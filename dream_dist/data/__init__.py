@@ -68,4 +68,4 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
 
 def _register_builtin() -> None:
     # Imported lazily so `import dream_dist.data` stays cheap (PIL, sklearn load on demand).
-    from dream_dist.data import cifar, digits, folder, idx, shards  # noqa: F401
+    from dream_dist.data import cifar, digits, folder, idx, shards, stream  # noqa: F401

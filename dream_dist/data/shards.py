@@ -85,6 +85,15 @@ def _decode(data: bytes, encoding: str, channels: int) -> np.ndarray:
     return arr
 
 
+def member_offsets(path: str | Path, encoding: str) -> list[list[int]]:
+    """[byte offset, size] of each sample's image payload in tar shard `path`, in sample
+    order: the per-sample access table kept in the index (headers only are read)."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [[m.offset_data, m.size] for m in tar.getmembers() if m.name.endswith("." + encoding)]
+
+
 def pack(
     data: ImageSet,
     out: str | Path,
@@ -127,7 +136,8 @@ def pack(
                         "cls": str(c).encode(),
                     })
             os.replace(tmp, out / name)  # a crash never leaves a half-written shard under its name
-            shards[str(c)].append({"file": name, "count": len(chunk), "bytes": (out / name).stat().st_size})
+            shards[str(c)].append({"file": name, "count": len(chunk), "bytes": (out / name).stat().st_size,
+                                   "offsets": member_offsets(out / name, encoding)})
             bar.update(len(chunk))
     bar.close()
     index = {
@@ -167,6 +177,7 @@ class PackedReader:
         self.split = split
         self.on_corrupt = on_corrupt
         self.skipped: list[str] = []  # on_corrupt="skip": keys of the skipped samples, once each
+        self.bytes_read = 0  # image payload bytes read by read_samples (diagnostics, benchmarks)
         self._skip_keys: set[str] = set()
         path = index_path(self.root, split)
         if not path.exists():
@@ -264,6 +275,48 @@ class PackedReader:
         if n != entry["count"] and self.on_corrupt == "error":
             raise ShardError(f"shard {path}: read {n} samples after {key}, index says {entry['count']}")
 
+    def read_samples(self, c: int, idx: torch.Tensor | list[int]) -> torch.Tensor:
+        """Images `idx` (positions within class `c`) as uint8 (len(idx), C, H, W), reading only
+        those samples' bytes when the index has offsets (packs since issue 12), else the
+        class's shards once. Same pixels as load_class(c)[idx]."""
+        idx = [int(i) for i in (idx.tolist() if torch.is_tensor(idx) else idx)]
+        entries = self._entries(c)
+        s, ch = self.index["image_size"], self.index["channels"]
+        if not idx:
+            return torch.zeros(0, ch, s, s, dtype=torch.uint8)
+        if self.on_corrupt == "skip" or not all("offsets" in e for e in entries):
+            return self.load_class(c)[torch.tensor(idx)]
+        starts = np.cumsum([0] + [e["count"] for e in entries])
+        n = int(starts[-1])
+        out = np.empty((len(idx), ch, s, s), dtype=np.uint8)
+        handles: dict[int, object] = {}
+        try:
+            for j, i in enumerate(idx):
+                if not 0 <= i < n:
+                    raise IndexError(f"sample {i} of class {c} out of range [0, {n})")
+                k = int(np.searchsorted(starts, i, side="right") - 1)
+                entry = entries[k]
+                if k not in handles:
+                    path = self.root / entry["file"]
+                    if not path.exists() or path.stat().st_size != entry["bytes"]:
+                        raise ShardError(f"shard {path} is missing or not the {entry['bytes']} bytes "
+                                         f"{self.index_file} says: truncated or replaced")
+                    handles[k] = open(path, "rb")  # noqa: SIM115 - closed below
+                    self.opened.append(str(path))
+                off, size = entry["offsets"][i - starts[k]]
+                f = handles[k]
+                f.seek(off)
+                try:
+                    out[j] = _decode(f.read(size), self.index["encoding"], ch)
+                except Exception as e:
+                    raise ShardError(f"shard {self.root / entry['file']}: sample {i} of class {c} "
+                                     f"cannot be decoded ({e})") from e
+                self.bytes_read += size
+        finally:
+            for f in handles.values():
+                f.close()
+        return torch.from_numpy(out)
+
     def load_class(self, c: int) -> torch.Tensor:
         """All images of class `c` as uint8 (n, C, H, W)."""
         arrays = [img for _, img in self.iter_class(c)]
@@ -316,6 +369,19 @@ class ClassCache:
             self._cache[c] = x
             self.used += size
         return x
+
+    def take(self, c: int, idx: torch.Tensor) -> torch.Tensor:
+        """Images `idx` of class `c`: from memory when the class is (or will be) cached; for a
+        class over the budget, only those samples' bytes are read from its shards (a matching
+        step reads its batch, not the class). Same pixels as get(c)[idx]."""
+        c = int(c)
+        if c in self._cache:
+            self._cache.move_to_end(c)
+            return self._cache[c][idx]
+        ix = self.reader.index
+        if ix["counts"][c] * ix["channels"] * ix["image_size"] ** 2 <= self.budget:
+            return self.get(c)[idx]
+        return self.reader.read_samples(c, idx)
 
 
 @register_source("packed")

@@ -59,6 +59,13 @@ class RealImages(Protocol):
     def get(self, c: int) -> Tensor: ...
 
 
+
+def take(real, c: int, idx: Tensor) -> Tensor:
+    """Real images `idx` of class `c` from a ClassCache (per-sample reads when the class is
+    over the memory budget) or from a plain {class: uint8 tensor} mapping."""
+    getter = getattr(real, "take", None)
+    return getter(c, idx) if getter is not None else real.get(c)[idx]
+
 class ClassShard:
     def __init__(
         self,
@@ -177,7 +184,9 @@ class ClassShard:
         for c in self.classes:
             t0 = time.perf_counter()
             pool = self._pool(c, it, step)
-            feats = extract_features(net, self.real.get(c)[pool], self.mean, self.std, cfg.feature_batch)
+            # The whole class streams once; a pool reads only its samples when over the budget.
+            imgs = self.real.get(c)[pool] if cfg.cluster_pool is None else take(self.real, c, pool)
+            feats = extract_features(net, imgs, self.mean, self.std, cfg.feature_batch)
             t1 = time.perf_counter()
             k = cfg.batch_real // cfg.samples_per_cluster
             if k * cfg.samples_per_cluster > len(pool):
@@ -216,7 +225,7 @@ class ClassShard:
         t0 = time.perf_counter()
         for c in self.classes:
             idx = self.real_batch(c, it, step)
-            real = normalize(self.real.get(c)[idx].to(self.device), self.mean, self.std)
+            real = normalize(take(self.real, c, idx).to(self.device), self.mean, self.std)
             syn = decode(self.syn[c], cfg.factor)
             if len(syn) > cfg.batch_syn_max:
                 keep = torch.randperm(len(syn), generator=generator(self.seed, SYN_SUBSAMPLE, it, step, c))
@@ -251,7 +260,7 @@ class ClassShard:
         once per call) from a stream every shard shares; values per image from c's stream."""
         m = plan.per_class[c]
         idx = torch.randint(self.counts[c], (m,), generator=generator(self.seed, NET_BATCH, *plan.keys, c))
-        x = normalize(self.real.get(c)[idx].to(self.device), self.mean, self.std)
+        x = normalize(take(self.real, c, idx).to(self.device), self.mean, self.std)
         if self.net_aug is not None:
             shared = None
             if self.net_aug.mode == "I":

@@ -189,7 +189,6 @@ def run_distill(cfg) -> dict:
 def finish(cfg, p: Prepared, images: torch.Tensor, labels: torch.Tensor, metrics: dict, out: Path) -> dict:
     """Export the synthetic set, evaluate it (and the random-coreset baseline), write results.json."""
     from dream_dist.data import normalize
-    from dream_dist.data.base import ImageSet
     from dream_dist.distill.export import save_distilled
     from dream_dist.evaluate import evaluate
     from dream_dist.published import published
@@ -218,14 +217,16 @@ def finish(cfg, p: Prepared, images: torch.Tensor, labels: torch.Tensor, metrics
     rows.append({"method": cfg.distill.method, "ipc": dcfg.ipc, **res.to_dict(),
                  "published": published(cfg.dataset.name, cfg.distill.method, dcfg.ipc)})
     if cfg.distill.baseline:
-        from dream_dist.coreset import build_coreset
+        from dream_dist.coreset import random_indices
 
-        # From the class cache the shards already filled, not a second read of the shards.
-        train = ImageSet(torch.cat([p.cache.get(c) for c in p.classes]),
-                         torch.tensor(p.classes).repeat_interleave(torch.tensor([p.counts_all[c] for c in p.classes])),
-                         list(p.reader.classes))
-        core = build_coreset("random", train, dcfg.ipc, seed=cfg.seed)
-        base = measure(normalize(core.images, p.mean, p.std), core.labels, 1, "random_coreset")
+        # The random coreset's picks come from the index counts; only those images are read
+        # (from the class cache when cached, else per sample from the shards), so the driver
+        # of a Ray run never loads the training set.
+        classes = sorted(p.classes)
+        picks = [random_indices(p.counts_all[c], dcfg.ipc, cfg.seed, c) for c in classes]
+        core_images = torch.cat([p.cache.take(c, i) for c, i in zip(classes, picks)])
+        core_labels = torch.tensor(classes).repeat_interleave(torch.tensor([len(i) for i in picks]))
+        base = measure(normalize(core_images, p.mean, p.std), core_labels, 1, "random_coreset")
         rows.append({"method": "random coreset", "ipc": dcfg.ipc, **base.to_dict(),
                      "published": published(cfg.dataset.name, "random", dcfg.ipc)})
     where = f"{metrics['workers']} Ray workers" if metrics.get("workers") else "in-process"

@@ -1,0 +1,402 @@
+"""Streaming, resumable, parallel packing of image-file sources (ImageNet scale).
+
+`pack` in shards.py packs an in-memory ImageSet (digits, MNIST, CIFAR: small by nature).
+Image-file sources can be far larger than memory, so `pack_files` never holds more than one
+shard's worth of decoded images (`max_per_shard`):
+
+    source layout -> FileSource (class names + each class's file list; nothing decoded)
+                  -> per class, per chunk: decode + resize -> encode -> write one shard
+                  -> index-<split>.json (the same format `PackedReader` reads)
+
+- Sources: any ImageFolder (mixed sizes allowed), TinyImageNet, and ImageNet's standard
+  layouts: train `<root>/train/<wnid>/*.JPEG`; val either as `<root>/val/<wnid>/*` or flat
+  `<root>/val/*.JPEG` labelled by `LOC_val_solution.csv` or by the devkit's
+  `ILSVRC2012_validation_ground_truth.txt` + `meta.mat`. Class order: a synset list
+  (`LOC_synset_mapping.txt`, one `<wnid> <words>` per line) when present, else sorted wnids.
+- Resize (`size`, `resize`): "shorter" scales the shorter side to `size` and centre-crops a
+  square (ImageNet's usual preparation); "square" stretches to size x size. Recorded in the
+  index under "resize".
+- Resumable: after every class, `index-<split>.partial.json` records the finished classes
+  (their shards, counts and pixel sums). A rerun with the same settings keeps those shards
+  and packs only the rest; the final index replaces the partial one atomically.
+- Parallel: `workers=N` fans the classes out to Ray tasks (locally or on a cluster; `out`
+  must be storage every node sees). Each class is packed by the same function either way
+  and the index is assembled in class order, so the output is byte-for-byte the serial one.
+- Statistics: the train split's mean/std come from float64 per-class pixel sums, combined in
+  class order (so they do not depend on `workers` either).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dream_dist.data import register_source
+from dream_dist.errors import ConfigError, DataError, DataNotFoundError
+
+FORMAT = "dream_dist.packed"
+VERSION = 1
+RESIZE = ("shorter", "square")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FileSource:
+    """An image-file source without decoding anything: class names in label order and the
+    sorted file list of each class."""
+
+    name: str
+    classes: list[str]
+    files: list[list[Path]]
+
+    def fingerprint(self) -> str:
+        """paths, sizes and mtimes of every file: a cheap identity (no pixel read)."""
+        h = hashlib.sha256()
+        for c, files in enumerate(self.files):
+            for f in files:
+                st = f.stat()
+                h.update(f"{c}\0{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return f"{self.name}:{h.hexdigest()}"
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def imagefolder_source(root: str | Path, split: str) -> FileSource:
+    """<root>/<split>/<class>/<images> (or <root>/<class>/<images>), classes sorted."""
+    root = Path(root)
+    base = root / split if (root / split).is_dir() else root
+    if not base.is_dir():
+        raise DataNotFoundError(f"dataset.root: {base} is not a directory")
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{base}: no class folders found (expected <root>/<class>/<images>)")
+    return FileSource("imagefolder", classes, [_images_in(base / c) for c in classes])
+
+
+def read_synsets(path: str | Path) -> list[str]:
+    """wnids in class order from a synset list: `<wnid>[ <words>]` per line (LOC_synset_mapping.txt)."""
+    wnids = [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
+    if not wnids:
+        raise DataError(f"{path}: lists no synsets")
+    return wnids
+
+
+def read_val_solution(path: str | Path) -> dict[str, str]:
+    """{image id: wnid} from Kaggle's LOC_val_solution.csv (ImageId, PredictionString whose
+    first token is the wnid)."""
+    labels = {}
+    with open(path, newline="") as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if not header or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+            raise DataError(f"{path}: expected the header ImageId,PredictionString, got {header}")
+        for row in rows:
+            if len(row) >= 2 and row[1].split():
+                labels[row[0].strip()] = row[1].split()[0]
+    return labels
+
+
+def read_devkit_labels(devkit: str | Path, images: list[Path]) -> dict[str, str]:
+    """{image id: wnid} from the ILSVRC2012 devkit: data/ILSVRC2012_validation_ground_truth.txt
+    (one 1-based ILSVRC2012_ID per line, for the val images in file-name order) and
+    data/meta.mat (ILSVRC2012_ID -> WNID)."""
+    from scipy.io import loadmat
+
+    data = Path(devkit) / "data"
+    gt_file, meta_file = data / "ILSVRC2012_validation_ground_truth.txt", data / "meta.mat"
+    for f in (gt_file, meta_file):
+        if not f.exists():
+            raise DataNotFoundError(f"{f} not found: not an ILSVRC2012 devkit")
+    synsets = loadmat(str(meta_file), squeeze_me=True)["synsets"]
+    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    ids = [int(v) for v in gt_file.read_text().split()]
+    if len(ids) != len(images):
+        raise DataError(f"{gt_file}: {len(ids)} labels for {len(images)} val images")
+    return {p.stem: id_to_wnid[i] for p, i in zip(sorted(images), ids)}
+
+
+def imagenet_source(root: str | Path, split: str) -> FileSource:
+    """ImageNet's standard layouts (see the module docstring). split: train | val | test
+    (test = val, the split every paper reports)."""
+    root = Path(root)
+    split = "val" if split == "test" else split
+    train = root / "train"
+    synset_file = next((p for p in (root / "LOC_synset_mapping.txt", root / "synsets.txt") if p.exists()), None)
+    if synset_file is not None:
+        wnids = read_synsets(synset_file)
+    elif train.is_dir():
+        wnids = sorted(p.name for p in train.iterdir() if p.is_dir())
+    else:
+        raise DataNotFoundError(f"{root}: neither LOC_synset_mapping.txt nor train/<wnid>/ folders")
+    index = {w: i for i, w in enumerate(wnids)}
+    folder = root / split
+    if not folder.is_dir():
+        raise DataNotFoundError(f"{folder} not found")
+    if any(p.is_dir() for p in folder.iterdir()):  # <split>/<wnid>/*
+        unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in index)
+        if unknown:
+            raise DataError(f"{folder}: class folders {unknown[:5]} are not in the synset list")
+        return FileSource("imagenet", wnids, [_images_in(folder / w) for w in wnids])
+    images = _images_in(folder)
+    csv_file = root / "LOC_val_solution.csv"
+    devkit = next((p for p in root.glob("ILSVRC2012_devkit*") if p.is_dir()), None)
+    if csv_file.exists():
+        labels = read_val_solution(csv_file)
+    elif devkit is not None:
+        labels = read_devkit_labels(devkit, images)
+    else:
+        raise DataNotFoundError(f"{folder} is flat but there is no LOC_val_solution.csv or ILSVRC2012_devkit* "
+                                f"in {root} to label it")
+    files: list[list[Path]] = [[] for _ in wnids]
+    for p in images:
+        wnid = labels.get(p.stem)
+        if wnid is None:
+            raise DataError(f"{p.name}: no label in {csv_file if csv_file.exists() else devkit}")
+        if wnid not in index:
+            raise DataError(f"{p.name}: label {wnid!r} is not in the synset list")
+        files[index[wnid]].append(p)
+    return FileSource("imagenet", wnids, files)
+
+
+def tinyimagenet_source(root: str | Path, split: str) -> FileSource:
+    """TinyImageNet: wnids.txt order, train/<wnid>/images/*.JPEG, val labelled by
+    val/val_annotations.txt."""
+    root = Path(root)
+    wnids_file = root / "wnids.txt"
+    if not wnids_file.exists():
+        raise DataNotFoundError(f"{wnids_file} not found: not a TinyImageNet directory")
+    wnids = read_synsets(wnids_file)
+    index = {w: i for i, w in enumerate(wnids)}
+    if split == "train":
+        return FileSource("tinyimagenet", wnids, [sorted((root / "train" / w / "images").glob("*.JPEG")) for w in wnids])
+    ann = root / "val" / "val_annotations.txt"
+    if not ann.exists():
+        raise DataNotFoundError(f"{ann} not found")
+    files: list[list[Path]] = [[] for _ in wnids]
+    for line in ann.read_text().splitlines():
+        cols = line.split("\t")
+        if len(cols) >= 2:
+            if cols[1] not in index:
+                raise DataError(f"{ann}: unknown wnid {cols[1]!r} for {cols[0]}")
+            files[index[cols[1]]].append(root / "val" / "images" / cols[0])
+    return FileSource("tinyimagenet", wnids, files)
+
+
+FILE_SOURCES = {"imagefolder": imagefolder_source, "imagenet": imagenet_source, "tinyimagenet": tinyimagenet_source}
+
+
+def load_resized(path: Path, size: int | None, resize: str = "shorter", mode: str = "RGB") -> np.ndarray:
+    """Decode one file to uint8 (C, H, W): shorter side to `size` + centre crop ("shorter"),
+    or stretched to size x size ("square"); unchanged when size is None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            if size is not None:
+                w, h = im.size
+                if resize == "square":
+                    im = im.resize((size, size), Image.BILINEAR)
+                else:
+                    s = size / min(w, h)
+                    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+                    im = im.resize((nw, nh), Image.BILINEAR)
+                    left, top = (nw - size) // 2, (nh - size) // 2
+                    im = im.crop((left, top, left + size, top + size))
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from e
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def pack_class(files: list[Path], c: int, out: str | Path, split: str, size: int | None, resize: str,
+               mode: str, encoding: str, max_per_shard: int, on_corrupt: str = "error") -> dict:
+    """Pack one class: decode `max_per_shard` files at a time, write its shards. Returns its
+    index entry with float64 pixel sums (for the mean/std) and the skipped files.
+    The same function runs in process and as a Ray task, so both write the same bytes."""
+    import webdataset as wds
+
+    from dream_dist.data.shards import _encode, member_offsets
+
+    out = Path(out)
+    entries, skipped, n = [], [], 0
+    shape = None
+    total = sq = None
+    for k, start in enumerate(range(0, max(len(files), 1), max_per_shard)):
+        chunk = []
+        for p in files[start: start + max_per_shard]:
+            try:
+                img = load_resized(p, size, resize, mode)
+            except DataError:
+                if on_corrupt == "error":
+                    raise
+                skipped.append(str(p))
+                continue
+            if shape is None:
+                shape = img.shape
+            elif img.shape != shape:
+                raise DataError(f"{p}: {tuple(img.shape)} differs from {tuple(shape)}; pass pack.size=N to resize")
+            chunk.append(img)
+        if not chunk:
+            continue
+        arr = np.stack(chunk).astype(np.float64)
+        s = arr.sum(axis=(0, 2, 3)) / 255
+        q = np.square(arr / 255).sum(axis=(0, 2, 3))
+        total, sq = (s, q) if total is None else (total + s, sq + q)
+        name = f"{split}-c{c:05d}-{k:05d}.tar"
+        tmp = out / (name + ".tmp")
+        # mtime fixed: the tar bytes depend on the pixels only, not on when or where they were written.
+        with wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as sink:
+            for i, img in enumerate(chunk):
+                sink.write({"__key__": f"c{c:05d}_{n + i:08d}", encoding: _encode(img, encoding),
+                            "cls": str(c).encode()})
+        os.replace(tmp, out / name)  # never a half-written shard under its name
+        entries.append({"file": name, "count": len(chunk), "bytes": (out / name).stat().st_size,
+                        "offsets": member_offsets(out / name, encoding)})
+        n += len(chunk)
+    return {"shards": entries, "count": n, "shape": list(shape) if shape else None,
+            "sum": None if total is None else total.tolist(), "sumsq": None if sq is None else sq.tolist(),
+            "skipped": skipped}
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def _shards_intact(out: Path, entry: dict) -> bool:
+    return all((out / e["file"]).exists() and (out / e["file"]).stat().st_size == e["bytes"] for e in entry["shards"])
+
+
+def pack_files(source: FileSource, out: str | Path, split: str, size: int | None = None, resize: str = "shorter",
+               mode: str = "RGB", encoding: str = "png", max_per_shard: int = 2000,
+               mean_std: tuple[list[float], list[float]] | None = None, workers: int = 0,
+               progress: bool = True, on_corrupt: str = "error") -> dict:
+    """Pack `source` class by class into `out` (see the module docstring). Returns the index.
+
+    mean_std: the normalisation to record (pass the train split's for the test split);
+    None = this split's own, from the pixel sums. workers: 0 = this process; N = N Ray tasks
+    at a time (ray must be importable; joins the running cluster or starts Ray locally)."""
+    if resize not in RESIZE:
+        raise ConfigError(f"pack.resize: unknown {resize!r}; choose one of {', '.join(RESIZE)}")
+    if max_per_shard < 1:
+        raise ConfigError("pack.max_per_shard must be >= 1")
+    if size is not None and size < 1:
+        raise ConfigError(f"pack.size must be >= 1 or null, got {size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"source": source.name, "split": split, "fingerprint": source.fingerprint(), "size": size,
+                "resize": resize if size is not None else None, "mode": mode, "encoding": encoding,
+                "max_per_shard": max_per_shard, "on_corrupt": on_corrupt}
+    partial_path = out / f"index-{split}.partial.json"
+    done: dict[str, dict] = {}
+    if partial_path.exists():
+        partial = json.loads(partial_path.read_text())
+        if partial.get("settings") == settings:
+            done = {c: e for c, e in partial["done"].items() if _shards_intact(out, e)}
+            if done:
+                log.warning("%s: resuming, %d of %d classes already packed", partial_path, len(done), len(source.classes))
+    todo = [c for c in range(len(source.classes)) if str(c) not in done]
+    bar = tqdm(total=len(source.classes), initial=len(done), desc=f"pack {source.name}/{split}", unit="class",
+               disable=not progress)
+
+    def record(c: int, entry: dict) -> None:
+        done[str(c)] = entry
+        _atomic_json(partial_path, {"settings": settings, "done": done})
+        bar.update(1)
+
+    args = (split, size, resize, mode, encoding, max_per_shard, on_corrupt)
+    if workers and todo:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)  # joins RAY_ADDRESS / `ray start`, else starts Ray here
+        task = ray.remote(num_cpus=1)(pack_class)
+        pending, running = list(todo), {}
+        while pending or running:
+            while pending and len(running) < workers:
+                c = pending.pop(0)
+                running[task.remote(source.files[c], c, str(out.resolve()), *args)] = c
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                record(running.pop(ref), ray.get(ref))
+    else:
+        for c in todo:
+            record(c, pack_class(source.files[c], c, out, *args))
+    bar.close()
+
+    entries = [done[str(c)] for c in range(len(source.classes))]
+    shapes = {tuple(e["shape"]) for e in entries if e["shape"]}
+    if len(shapes) != 1:
+        raise DataError(f"{source.name}/{split}: classes decode to different shapes {sorted(shapes)[:3]}; "
+                        f"pass pack.size=N to resize")
+    channels, h, w = shapes.pop()
+    if h != w:
+        raise DataError(f"{source.name}/{split}: images are {h}x{w}, not square; pass pack.size=N")
+    skipped = [s for e in entries for s in e["skipped"]]
+    if skipped:
+        log.warning("skipped %d corrupt image(s) (dataset.on_corrupt=skip): %s", len(skipped),
+                    ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
+    if mean_std is None:
+        n = sum(e["count"] for e in entries) * h * w
+        s = sum((np.array(e["sum"]) for e in entries if e["sum"]), np.zeros(channels))
+        q = sum((np.array(e["sumsq"]) for e in entries if e["sumsq"]), np.zeros(channels))
+        mean = s / n
+        mean_std = (mean.tolist(), np.sqrt(np.maximum(q / n - mean ** 2, 0)).tolist())
+    index = {
+        "format": FORMAT, "version": VERSION, "source": source.name, "split": split,
+        "source_fingerprint": settings["fingerprint"],
+        "resize": {"size": size, "mode": settings["resize"]},
+        "classes": list(source.classes), "num_classes": len(source.classes),
+        "counts": [e["count"] for e in entries], "image_size": h, "channels": channels,
+        "encoding": encoding, "mean": list(mean_std[0]), "std": list(mean_std[1]),
+        "shards": {str(c): e["shards"] for c, e in enumerate(entries)},
+        "skipped": skipped,
+    }
+    _atomic_json(out / f"index-{split}.json", index)
+    partial_path.unlink(missing_ok=True)
+    return index
+
+
+def decode_source(source: FileSource, size: int | None = None, resize: str = "shorter",
+                  on_corrupt: str = "error") -> "ImageSet":
+    """The whole source decoded in memory (small sources and tests; packing streams instead)."""
+    import torch
+
+    from dream_dist.data.base import ImageSet
+
+    images, labels, skipped = [], [], []
+    for c, files in enumerate(source.files):
+        for p in files:
+            try:
+                images.append(load_resized(p, size, resize))
+            except DataError:
+                if on_corrupt == "error":
+                    raise
+                skipped.append(str(p))
+                continue
+            labels.append(c)
+    if skipped:
+        log.warning("skipped %d corrupt image(s) (dataset.on_corrupt=skip): %s", len(skipped), ", ".join(skipped[:20]))
+    if len({a.shape for a in images}) > 1:
+        raise DataError(f"{source.name}: images have different sizes; pass size=N (pack.size=N) to resize")
+    return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), source.classes)
+
+
+@register_source("imagenet")
+def load_imagenet(root: Path, split: str, size: int | None = None, resize: str = "shorter",
+                  on_corrupt: str = "error") -> "ImageSet":
+    """ImageNet-1K in one of its standard layouts, decoded in memory: only for small subsets;
+    `dream-dist task=pack dataset=imagenet pack.size=64` streams the full set to shards."""
+    return decode_source(imagenet_source(root, split), size, resize, on_corrupt)

@@ -1,0 +1,159 @@
+"""Streaming pack of image-file sources: resize, ImageNet layouts, resume, Ray == serial."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dream_dist.data import load_dataset
+from dream_dist.data.shards import PackedReader
+from dream_dist.data import stream
+from dream_dist.data.stream import imagefolder_source, imagenet_source, load_resized, pack_files
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+def _folder(root: Path, classes=3, per_class=5, seed=0) -> Path:
+    """An ImageFolder of mixed-size RGB JPEGs and PNGs."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"k{c}").mkdir(parents=True)
+        for i in range(per_class):
+            h, w = (int(v) for v in rng.integers(20, 60, 2))
+            img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+            img.save(root / f"k{c}" / f"{i}.{'jpg' if i % 2 else 'png'}")
+    return root
+
+
+def _tree_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def test_mixed_sizes_resize_shorter_side_crop_or_square(tmp_path):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    wide = np.zeros((20, 60), np.uint8)
+    wide[:, 20:40] = 255  # a white middle third
+    Image.fromarray(wide).save(tmp_path / "src" / "a" / "wide.png")
+    Image.fromarray(np.full((30, 30), 7, np.uint8)).save(tmp_path / "src" / "a" / "small.png")
+    src = imagefolder_source(tmp_path / "src", "train")
+    with pytest.raises(ValueError, match="pack.size"):
+        pack_files(src, tmp_path / "none", "train", progress=False)  # mixed sizes need a size
+    idx = pack_files(src, tmp_path / "crop", "train", size=16, progress=False)
+    assert idx["image_size"] == 16 and idx["resize"] == {"size": 16, "mode": "shorter"} and idx["channels"] == 3
+    crop = PackedReader(tmp_path / "crop", "train").load_class(0)
+    assert crop.shape == (2, 3, 16, 16) and crop[1].float().mean() > 245  # the centre crop: the white third
+    pack_files(src, tmp_path / "square", "train", size=16, resize="square", progress=False)
+    square = PackedReader(tmp_path / "square", "train").load_class(0)
+    assert 60 < square[1].float().mean() < 110  # stretched: a third white
+    assert torch.equal(crop[0], torch.full((3, 16, 16), 7, dtype=torch.uint8))
+
+
+def test_statistics_and_pixels_match_the_in_memory_loader(tmp_path):
+    src = imagefolder_source(_folder(tmp_path / "src"), "train")
+    idx = pack_files(src, tmp_path / "out", "train", size=24, max_per_shard=2, progress=False)
+    ref = stream.decode_source(src, size=24)
+    got = PackedReader(tmp_path / "out", "train").load_classes()
+    assert torch.equal(got.images, ref.images) and torch.equal(got.labels, ref.labels)
+    mean, std = ref.mean_std()
+    assert np.allclose(idx["mean"], mean, atol=1e-6) and np.allclose(idx["std"], std, atol=1e-6)
+    assert [len(v) for v in idx["shards"].values()] == [3, 3, 3]  # 5 images, 2 per shard
+
+
+def test_an_interrupted_pack_resumes_and_keeps_finished_shards(tmp_path, monkeypatch):
+    src = imagefolder_source(_folder(tmp_path / "src", classes=4), "train")
+    whole = pack_files(src, tmp_path / "whole", "train", size=16, max_per_shard=2, progress=False)
+    real = stream.pack_class
+    calls = []
+
+    def crash_on_class_2(files, c, *a, **k):
+        calls.append(c)
+        if c == 2 and calls.count(2) == 1:
+            raise KeyboardInterrupt  # the machine went away mid-pack
+        return real(files, c, *a, **k)
+
+    monkeypatch.setattr(stream, "pack_class", crash_on_class_2)
+    with pytest.raises(KeyboardInterrupt):
+        pack_files(src, tmp_path / "out", "train", size=16, max_per_shard=2, progress=False)
+    partial = json.loads((tmp_path / "out" / "index-train.partial.json").read_text())
+    assert sorted(partial["done"]) == ["0", "1"] and not (tmp_path / "out" / "index-train.json").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("train-c0000[01]-*.tar")}
+    again = pack_files(src, tmp_path / "out", "train", size=16, max_per_shard=2, progress=False)
+    assert calls == [0, 1, 2, 2, 3]  # classes 0 and 1 were not packed again
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("train-c0000[01]-*.tar")} == kept
+    assert again == whole and _tree_bytes(tmp_path / "out") == _tree_bytes(tmp_path / "whole")
+
+
+def test_ray_pack_workers_write_the_serial_bytes(tmp_path, local_ray):
+    src = imagefolder_source(_folder(tmp_path / "src", classes=5, per_class=4), "train")
+    serial = pack_files(src, tmp_path / "serial", "train", size=16, max_per_shard=3, progress=False)
+    parallel = pack_files(src, tmp_path / "parallel", "train", size=16, max_per_shard=3, workers=2, progress=False)
+    assert parallel == serial
+    assert _tree_bytes(tmp_path / "parallel") == _tree_bytes(tmp_path / "serial")
+
+
+def _imagenet(root: Path, val: str) -> Path:
+    """A 3-class ImageNet layout: train/<wnid>/*.JPEG, LOC_synset_mapping.txt, and a val
+    split flat + labelled (csv or devkit) or in per-wnid folders."""
+    root.mkdir(parents=True)
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} class {i}\n" for i, w in enumerate(WNIDS)))
+    for i, w in enumerate(WNIDS):
+        (root / "train" / w).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((20, 30, 3), 40 * i + k, np.uint8)).save(root / "train" / w / f"{w}_{k}.JPEG")
+    labels = [2, 0, 1, 2]  # class of val image j
+    (root / "val").mkdir()
+    for j, c in enumerate(labels):
+        img = Image.fromarray(np.full((24, 24, 3), 60 * c + 1, np.uint8))
+        if val == "folders":
+            (root / "val" / WNIDS[c]).mkdir(exist_ok=True)
+            img.save(root / "val" / WNIDS[c] / f"ILSVRC2012_val_{j + 1:08d}.JPEG")
+        else:
+            img.save(root / "val" / f"ILSVRC2012_val_{j + 1:08d}.JPEG")
+    if val == "csv":
+        (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
+            f"ILSVRC2012_val_{j + 1:08d},{WNIDS[c]} 1 2 3 4\n" for j, c in enumerate(labels)))
+    elif val == "devkit":
+        from scipy.io import savemat
+
+        data = root / "ILSVRC2012_devkit_t12" / "data"
+        data.mkdir(parents=True)
+        ilsvrc_id = {WNIDS[0]: 3, WNIDS[1]: 1, WNIDS[2]: 2}  # the devkit's own numbering, not ours
+        synsets = np.array([(i, w) for w, i in ilsvrc_id.items()], dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])
+        savemat(str(data / "meta.mat"), {"synsets": synsets})
+        (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ilsvrc_id[WNIDS[c]]}\n" for c in labels))
+    return root
+
+
+@pytest.mark.parametrize("val", ["csv", "devkit", "folders"])
+def test_imagenet_val_labels(tmp_path, val):
+    root = _imagenet(tmp_path / "imagenet", val)
+    src = imagenet_source(root, "val")
+    assert src.classes == WNIDS
+    assert [[p.stem for p in f] for f in src.files] == [["ILSVRC2012_val_00000002"], ["ILSVRC2012_val_00000003"],
+                                                         ["ILSVRC2012_val_00000001", "ILSVRC2012_val_00000004"]]
+    test = load_dataset("imagenet", "test", root=root, size=16)
+    assert test.labels.tolist() == [0, 1, 2, 2] and test.images[0].float().mean() == 1  # class 0 is 60*0+1
+    train = imagenet_source(root, "train")
+    assert [len(f) for f in train.files] == [2, 2, 2]
+
+
+def test_imagenet_flat_val_without_labels_is_refused(tmp_path):
+    root = _imagenet(tmp_path / "imagenet", "none")
+    with pytest.raises(FileNotFoundError, match="LOC_val_solution.csv"):
+        imagenet_source(root, "val")
+
+
+def test_pack_task_on_imagenet_layout(tmp_path):
+    from dream_dist.run import main
+
+    root = _imagenet(tmp_path / "imagenet", "csv")
+    main(["task=pack", "dataset=imagenet", f"dataset.root={root}", f"pack.out={tmp_path}/packed", "pack.size=16",
+          "progress=false"])
+    tr, te = PackedReader(tmp_path / "packed", "train"), PackedReader(tmp_path / "packed", "test")
+    assert tr.index["counts"] == [2, 2, 2] and te.index["counts"] == [1, 1, 2]
+    assert te.index["mean"] == tr.index["mean"]  # the test split records the train statistics
+    assert tr.index["resize"] == {"size": 16, "mode": "shorter"}
