@@ -59,7 +59,6 @@ class RealImages(Protocol):
     def get(self, c: int) -> Tensor: ...
 
 
-
 def take(real, c: int, idx: Tensor) -> Tensor:
     """Real images `idx` of class `c` from a ClassCache (per-sample reads when the class is
     over the memory budget) or from a plain {class: uint8 tensor} mapping."""
