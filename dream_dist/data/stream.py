@@ -39,12 +39,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dream_dist.data import register_source
+from dream_dist.data.folder import IMAGE_EXTS
+from dream_dist.data.shards import FORMAT, VERSION
 from dream_dist.errors import ConfigError, DataError, DataNotFoundError
 
-FORMAT = "dream_dist.packed"
-VERSION = 1
 RESIZE = ("shorter", "square")
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 log = logging.getLogger(__name__)
 
 
