@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown, save  # noqa: E402
 
-from dream_dist.coreset import build_coreset, extract_features, train_feature_net  # noqa: E402
+from dream_dist.methods.coreset import build_coreset, extract_features, train_feature_net  # noqa: E402
 from dream_dist.data import load_dataset, normalize  # noqa: E402
-from dream_dist.evaluate import EvalConfig, evaluate  # noqa: E402
+from dream_dist.evaluation.protocol import EvalConfig, evaluate  # noqa: E402
 from dream_dist.published import published  # noqa: E402
 
 

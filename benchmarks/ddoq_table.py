@@ -8,7 +8,7 @@ Each cell: a set of IPC images per class built from the real train split, then t
 evaluation protocol for all (ConvNet-3, DC schedule: SGD 0.01, momentum 0.9, wd 5e-4, lr x0.1
 at half, DSA; last-epoch test accuracy, mean ± std over runs):
 - ddoq (identity): per-class mini-batch k-means of the pixels, k = IPC, trained with the
-  cluster masses as per-sample weights (dream_dist.ddoq);
+  cluster masses as per-sample weights (dream_dist.methods.ddoq);
 - ddoq (autoencoder): the same in the latent space of a conv autoencoder trained on the split;
 - random, herding: real images (herding in the feature space of a ConvNet-3 trained 1 epoch
   on 10,000 real images, as in coreset_table.py), unweighted.
@@ -35,12 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown, save
 
-from dream_dist.coreset import build_coreset, extract_features, train_feature_net
+from dream_dist.methods.coreset import build_coreset, extract_features, train_feature_net
 from dream_dist.data import load_dataset, normalize
-from dream_dist.ddoq import DDOQConfig, distill
+from dream_dist.methods.ddoq import DDOQConfig, distill
 from dream_dist.encoders import AutoencoderConfig, build_encoder, train_autoencoder
-from dream_dist.evaluate import EvalConfig, evaluate
-from dream_dist.observer import ObserverConfig, soft_labels, train_observer
+from dream_dist.evaluation.protocol import EvalConfig, evaluate
+from dream_dist.evaluation.observer import ObserverConfig, soft_labels, train_observer
 from dream_dist.published import published
 
 METHODS = ("ddoq_identity", "ddoq_autoencoder", "random", "herding")

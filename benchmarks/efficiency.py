@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown, save  # noqa: E402
 
 from dream_dist.data import load_dataset  # noqa: E402
-from dream_dist.distill.config import preset  # noqa: E402
-from dream_dist.distill.engine import Distiller  # noqa: E402
-from dream_dist.distill.shard import ClassShard  # noqa: E402
-from dream_dist.evaluate import EvalConfig, evaluate  # noqa: E402
+from dream_dist.methods.dream.config import preset  # noqa: E402
+from dream_dist.methods.dream.engine import Distiller  # noqa: E402
+from dream_dist.methods.dream.shard import ClassShard  # noqa: E402
+from dream_dist.evaluation.protocol import EvalConfig, evaluate  # noqa: E402
 from dream_dist.published import published  # noqa: E402
 
 METHODS = ["idc", "dream_plus", "idc_representative", "idc_bidirectional", "idc_cluster_init"]

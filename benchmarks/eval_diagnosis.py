@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown, save  # noqa: E402
 
 from dream_dist.data import load_dataset  # noqa: E402
-from dream_dist.evaluate import EvalConfig, evaluate  # noqa: E402
+from dream_dist.evaluation.protocol import EvalConfig, evaluate  # noqa: E402
 
 PREVIOUS = dict(protocol=None, schedule="idc", aug_mode="dsa", aug_strategy=None, cutmix_prob=0.5)
 VARIANTS = {

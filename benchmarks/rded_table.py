@@ -6,7 +6,7 @@
     python benchmarks/rded_table.py --dataset tinyimagenet --ipcs 1 10 --kd-epochs 100 --kd-runs 1 \
         --observer-epochs 5 --kd-width 64
 
-Each IPC is one `task=rded` run (dream_dist.rded.run_rded): the observer is trained once
+Each IPC is one `task=rded` run (dream_dist.pipeline.run_method with the RDED method): the observer is trained once
 (first IPC) and reused by path for the others, RDED selects and stitches real crops
 (f = 2 for 64-px images, else 1), and both the RDED set and a random real subset of the
 same IPC train fresh students by online KD from that observer (T = 20, CutMix, AdamW 1e-3,
@@ -31,8 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, markdown, save
 
-from dream_dist.rded import run_rded
-from dream_dist.run import compose
+from dream_dist.tasks import compose, run
 
 
 def main() -> None:
@@ -74,7 +73,7 @@ def main() -> None:
         if args.kd_width:
             overrides.append(f"kd.width={args.kd_width}")
         t0 = time.perf_counter()
-        summary = run_rded(compose(overrides))
+        summary = run(compose(overrides))
         total = time.perf_counter() - t0
         observer = observer or summary["metrics"]["observer"].get("path")
         m = summary["metrics"]

@@ -35,8 +35,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def run(args, workers: int, classes: list[int] | None, tmp: Path) -> dict:
-    from dream_dist.distributed import distill_on_ray
-    from dream_dist.run import compose
+    from dream_dist.distributed.train import distill_on_ray
+    from dream_dist.methods import METHODS
+    from dream_dist.tasks import compose
 
     over = [f"dataset={args.dataset}", f"pack.out={args.packed}", f"out_dir={tmp}/k{workers}",
             "progress=false", "threads=1", "distill.method=dream_plus",
@@ -48,7 +49,7 @@ def run(args, workers: int, classes: list[int] | None, tmp: Path) -> dict:
         over.append(f"dataset.classes=[{','.join(map(str, classes))}]")
     cfg = compose(over)
     t0 = time.perf_counter()
-    _, _, result = distill_on_ray(cfg, num_workers=workers, storage=tmp / f"ray{workers}_{len(classes or [])}")
+    _, _, result = distill_on_ray(cfg, METHODS["distill"], num_workers=workers, storage=tmp / f"ray{workers}_{len(classes or [])}")
     wall = time.perf_counter() - t0
     m = result.metrics
     return {"workers": workers, "classes_per_worker": m["classes"], "steps": m["step"],
@@ -72,7 +73,8 @@ def main() -> None:
 
     import ray
 
-    from dream_dist.run import compose, ensure_packed
+    from dream_dist.data.prepare import ensure_packed
+    from dream_dist.tasks import compose
 
     ensure_packed(compose([f"dataset={args.dataset}", f"pack.out={args.packed}", "progress=false"]))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -31,9 +31,9 @@ from common import markdown, save  # noqa: E402
 
 from dream_dist.data import load_dataset  # noqa: E402
 from dream_dist.data.shards import ClassCache, PackedReader, pack  # noqa: E402
-from dream_dist.distill.config import preset  # noqa: E402
-from dream_dist.distill.engine import Distiller  # noqa: E402
-from dream_dist.distill.shard import ClassShard  # noqa: E402
+from dream_dist.methods.dream.config import preset  # noqa: E402
+from dream_dist.methods.dream.engine import Distiller  # noqa: E402
+from dream_dist.methods.dream.shard import ClassShard  # noqa: E402
 from dream_dist.models import build_model  # noqa: E402
 
 

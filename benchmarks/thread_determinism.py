@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown, save  # noqa: E402
 
 from dream_dist import kmeans  # noqa: E402
-from dream_dist.coreset import extract_features  # noqa: E402
+from dream_dist.training import extract_features  # noqa: E402
 from dream_dist.data import load_dataset, normalize  # noqa: E402
 from dream_dist.models import build_model  # noqa: E402
 

@@ -6,7 +6,7 @@
     python benchmarks/time_to_accuracy.py --phase table                    # collect what is done
 
 Setting (issue 9): IPC 10, f = 2, ConvNet-3 w128, the paper's hyperparameters as resolved
-from the public code (dream_dist.distill.config), whole-class clustering, the full one-epoch
+from the public code (dream_dist.methods.dream.config), whole-class clustering, the full one-epoch
 cluster-init training, 1 outer iteration of 100 inner steps. Snapshots at steps 0 / 25 / 50 /
 100 are each evaluated with the exact IDC protocol (EvalConfig.preset("idc"): 1000 epochs,
 batch 64, its DiffAug, last epoch; on MNIST with f = 2 no CutMix and no flip), one run per
@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, RESULTS, machine, markdown, save  # noqa: E402
 
 from dream_dist.data import load_dataset  # noqa: E402
-from dream_dist.distill.config import preset  # noqa: E402
-from dream_dist.distill.engine import Distiller  # noqa: E402
-from dream_dist.distill.shard import ClassShard  # noqa: E402
-from dream_dist.evaluate import EvalConfig, evaluate  # noqa: E402
+from dream_dist.methods.dream.config import preset  # noqa: E402
+from dream_dist.methods.dream.engine import Distiller  # noqa: E402
+from dream_dist.methods.dream.shard import ClassShard  # noqa: E402
+from dream_dist.evaluation.protocol import EvalConfig, evaluate  # noqa: E402
 
 STEPS = [0, 25, 50, 100]
 TARGETS = {"accuracy": 98.0, "minutes": 25.0, "peak_gb": 2.0}

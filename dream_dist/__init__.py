@@ -7,7 +7,7 @@ __all__ = ["DistilledSet", "load_distilled"]
 
 # Re-exported lazily (PEP 562): `import dream_dist` stays cheap, and a training script that
 # only needs `dream_dist.load_distilled(path)` imports just the export module on first use.
-_LAZY = {"load_distilled": "dream_dist.distill.export", "DistilledSet": "dream_dist.distill.export"}
+_LAZY = {"load_distilled": "dream_dist.artifact", "DistilledSet": "dream_dist.artifact"}
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dream_dist.run import cli, compose, ensure_packed
+from dream_dist.data.prepare import ensure_packed
+from dream_dist.run import cli, compose
 
 REPO = Path(__file__).resolve().parents[1]
 # A distillation that takes seconds (used by the -m and run-directory tests).

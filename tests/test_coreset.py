@@ -1,8 +1,8 @@
-"""dream_dist.coreset: random / herding / k-center baselines on real digits features."""
+"""dream_dist.methods.coreset: random / herding / k-center baselines on real digits features."""
 import pytest
 import torch
 
-from dream_dist.coreset import (METHODS, build_coreset, extract_features, select,
+from dream_dist.methods.coreset import (METHODS, build_coreset, extract_features, select,
                                 train_feature_net)
 
 

@@ -1,4 +1,4 @@
-"""DDOQ (dream_dist.ddoq): latent k-means per class, cluster masses as weights, task=ddoq."""
+"""DDOQ (dream_dist.methods.ddoq): latent k-means per class, cluster masses as weights, task=ddoq."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import torch
 
 from dream_dist.config import ConfigError
 from dream_dist.data import ImageSet, normalize
-from dream_dist.ddoq import (
+from dream_dist.methods.ddoq import (
     DDOQConfig,
     class_seed,
     class_weights,
@@ -114,8 +114,8 @@ def test_every_ddoq_experiment_composes(name):
 
 def test_ddoq_end_to_end_on_digits_uses_the_weights(tmp_path):
     from dream_dist import load_distilled
-    from dream_dist.evaluate import evaluate
-    from dream_dist.run import load_packed_splits
+    from dream_dist.evaluation.protocol import evaluate
+    from dream_dist.data.prepare import load_packed_splits
 
     out = tmp_path / "run"
     args = [f"out_dir={out}", f"pack.out={tmp_path}/packed", "progress=false", "task=ddoq",
@@ -149,7 +149,7 @@ def test_ddoq_end_to_end_on_digits_uses_the_weights(tmp_path):
 
 def test_ddoq_with_identity_and_observer_soft_labels(tmp_path, digits):
     from dream_dist import load_distilled
-    from dream_dist.observer import ObserverConfig, save_observer, train_observer
+    from dream_dist.evaluation.observer import ObserverConfig, save_observer, train_observer
 
     train, _ = digits
     mean, std = train.mean_std()

@@ -5,11 +5,10 @@ import pytest
 import torch
 
 from dream_dist import kmeans
-from dream_dist.coreset import extract_features
-from dream_dist.data.base import normalize
-from dream_dist.distill.config import DistillConfig, preset
-from dream_dist.distill.engine import Distiller, balance_classes, load_checkpoint
-from dream_dist.distill.shard import ClassShard
+from dream_dist.training import extract_features
+from dream_dist.methods.dream.config import DistillConfig, preset
+from dream_dist.methods.dream.engine import Distiller, balance_classes, load_checkpoint
+from dream_dist.methods.dream.shard import ClassShard
 
 TINY = dict(model="convnet_tiny", init_images=256, batch_real=16, net_images=64, net_batch=32)
 

@@ -40,10 +40,11 @@ def reference(tmp_path_factory):
 
 
 def test_two_ray_workers_equal_one_process(local_ray, reference, tmp_path):
-    from dream_dist.distributed import distill_on_ray
+    from dream_dist.distributed.train import distill_on_ray
+    from dream_dist.methods import METHODS
 
     args, ref = reference
-    images, labels, result = distill_on_ray(compose(args), num_workers=2, storage=tmp_path / "ray")
+    images, labels, result = distill_on_ray(compose(args), METHODS["distill"], num_workers=2, storage=tmp_path / "ray")
     assert torch.equal(labels, ref.labels)
     torch.testing.assert_close(images, ref.images, rtol=1e-5, atol=1e-5)
     # Rank 0 owns 5 of the 10 digit classes and opened only their 5 shards.
@@ -69,13 +70,14 @@ def test_killed_worker_recovers_to_the_same_set(local_ray, tmp_path):
     asynchronously, so the one just made may not have landed) and the run ends with exactly
     the uninterrupted synthetic set."""
     from dream_dist import load_distilled
-    from dream_dist.distributed import distill_on_ray
+    from dream_dist.distributed.train import distill_on_ray
+    from dream_dist.methods import METHODS
 
     args = [f"pack.out={tmp_path}/packed", *TINY, "distill.overrides.inner_steps=4", "distill.checkpoint_every=1"]
     main([f"out_dir={tmp_path}/ref", *args])  # the uninterrupted in-process reference
     ref = load_distilled(tmp_path / "ref" / "distilled.pt").stored
     marker = tmp_path / "killed"
-    images, labels, result = distill_on_ray(compose(args), num_workers=2, max_failures=1,
+    images, labels, result = distill_on_ray(compose(args), METHODS["distill"], num_workers=2, max_failures=1,
                                             storage=tmp_path / "ray", after_report=KillOnce(marker, 1, 3))
     assert marker.exists(), "the fault was not injected"
     assert int(marker.read_text()) > 0

@@ -1,13 +1,13 @@
-"""dream_dist.evaluate: the evaluation protocol on real (scikit-learn digits) data."""
+"""dream_dist.evaluation.protocol: the evaluation protocol on real (scikit-learn digits) data."""
 import json
 import math
 
 import pytest
 import torch
 
-import dream_dist.evaluate as ev
+import dream_dist.evaluation.protocol as ev
 from dream_dist.data import normalize
-from dream_dist.evaluate import EvalConfig, EvalResult, evaluate, train_network
+from dream_dist.evaluation.protocol import EvalConfig, EvalResult, evaluate, train_network
 from dream_dist.models import build_model
 
 

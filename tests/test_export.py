@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import dream_dist
 from dream_dist.data import load_dataset, normalize
-from dream_dist.distill.export import (
+from dream_dist.artifact import (
     FORMAT,
     DistilledSet,
     export_imagefolder,
@@ -206,6 +206,6 @@ def test_unstorable_config_is_refused(tmp_path: Path, real) -> None:
 
 
 def test_import_dream_dist_is_lazy() -> None:
-    code = ("import sys, dream_dist; assert 'dream_dist.distill.export' not in sys.modules; "
+    code = ("import sys, dream_dist; assert 'dream_dist.artifact' not in sys.modules; "
             "assert 'torch' not in sys.modules; assert 'load_distilled' in dir(dream_dist)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dream_dist.augment import DSA, dc_augment
-from dream_dist.distill.config import preset, tune_lr_img_scale
-from dream_dist.distill.engine import Distiller, balance_classes
-from dream_dist.distill.shard import ClassShard
-from dream_dist.evaluate import EvalConfig
+from dream_dist.methods.dream.config import preset, tune_lr_img_scale
+from dream_dist.methods.dream.engine import Distiller, balance_classes
+from dream_dist.methods.dream.shard import ClassShard
+from dream_dist.evaluation.protocol import EvalConfig
 
 TINY = dict(model="convnet_tiny", init_images=256, batch_real=16, net_images=64, net_batch=32)
 

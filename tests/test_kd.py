@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dream_dist.config import ConfigError
-from dream_dist.coreset import build_coreset
+from dream_dist.methods.coreset import build_coreset
 from dream_dist.data import normalize
-from dream_dist.kd import (
+from dream_dist.evaluation.kd import (
     KDConfig,
     augment,
     evaluate_kd,
@@ -17,7 +17,7 @@ from dream_dist.kd import (
     random_resized_crop,
     shuffle_patches,
 )
-from dream_dist.observer import ObserverConfig, train_observer
+from dream_dist.evaluation.observer import ObserverConfig, train_observer
 from dream_dist.run import compose
 
 

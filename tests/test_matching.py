@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dream_dist.distill.matching import distance, match_loss, matched_parameters
+from dream_dist.methods.dream.matching import distance, match_loss, matched_parameters
 from dream_dist.models import build_model
 
 

@@ -8,8 +8,8 @@ import torch
 
 from dream_dist.config import ConfigError
 from dream_dist.data import normalize
-from dream_dist.evaluate import test_accuracy
-from dream_dist.observer import (
+from dream_dist.evaluation.protocol import test_accuracy
+from dream_dist.evaluation.observer import (
     ObserverConfig,
     load_observer,
     save_observer,

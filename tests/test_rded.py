@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dream_dist.formation import decode
-from dream_dist.rded import (
+from dream_dist.methods.rded import (
     RDEDConfig,
     distill_classes,
     patch_soft_labels,
@@ -18,7 +18,8 @@ from dream_dist.rded import (
     select_crops,
     stitch,
 )
-from dream_dist.run import compose, ensure_packed, main
+from dream_dist.data.prepare import ensure_packed, open_data
+from dream_dist.run import compose, main
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -122,28 +123,32 @@ def packed_digits(tmp_path_factory):
 
 
 def test_ray_tasks_give_the_same_set(packed_digits, local_ray):
-    from dream_dist.data.shards import PackedReader
+    """The class fan-out (dream_dist.distributed.fanout, rded.workers > 0) gives the in-process set."""
+    from dream_dist.distributed.fanout import map_classes
+    from dream_dist.methods import METHODS
+    from dream_dist.methods.rded import RDEDPrep
     from dream_dist.models import build_model
 
-    reader = PackedReader(packed_digits, "train")
+    cfg = compose([f"dataset.packed={packed_digits}", "progress=false", "task=rded", "seed=3",
+                   "dataset.classes=[0,3,5,7,9]", "rded.ipc=2", "rded.factor=2", "rded.images_per_class=40"])
+    data = open_data(cfg)
     torch.manual_seed(0)
     obs = build_model("convnet_tiny", 1, 10, 28).eval()
-    classes, counts = [0, 3, 5, 7, 9], reader.index["counts"]
-    args = (packed_digits, classes, counts, obs, *reader.mean_std)
-    local = distill_classes(*args, RDEDConfig(ipc=2, factor=2, images_per_class=40), 2, seed=3,
+    classes = [0, 3, 5, 7, 9]
+    local = distill_classes(data.reader.load_class, classes, obs, data.mean, data.std, cfg.rded, 2, seed=3,
                             progress=False)
-    remote = distill_classes(*args, RDEDConfig(ipc=2, factor=2, images_per_class=40, workers=2),
-                             2, seed=3, progress=False)
+    parts = map_classes(METHODS["rded"], cfg, RDEDPrep(obs, {}, 2, data.mean, data.std), data, workers=2)
+    assert sorted(parts) == classes
     assert local[0].shape == (10, 1, 28, 28) and local[1].tolist() == [0, 0, 3, 3, 5, 5, 7, 7, 9, 9]
-    for a, b in zip(local, remote):
-        assert torch.equal(a, b)
-    other = distill_classes(*args, RDEDConfig(ipc=2, factor=2, images_per_class=40), 2, seed=4,
+    assert torch.equal(local[0], torch.cat([parts[c][0] for c in classes]))
+    assert torch.equal(local[2], torch.stack([parts[c][1] for c in classes]))
+    other = distill_classes(data.reader.load_class, classes, obs, data.mean, data.std, cfg.rded, 2, seed=4,
                             progress=False)
     assert not torch.equal(local[0], other[0])  # the seed matters
 
 
 def test_rded_end_to_end_on_digits(tmp_path, packed_digits):
-    from dream_dist.distill.export import load_distilled
+    from dream_dist.artifact import load_distilled
 
     out = tmp_path / "run"
     main([f"out_dir={out}", f"dataset.packed={packed_digits}", "progress=false",

@@ -17,11 +17,11 @@ EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes(name):
     cfg = compose([f"experiment={name}"])
-    from dream_dist.config import TASKS
+    from dream_dist.tasks import TASKS
 
     assert cfg.task in TASKS
     if cfg.task == "distill":
-        from dream_dist.distill.task import resolve
+        from dream_dist.methods.dream.method import resolve
 
         resolve(cfg)  # the preset + overrides resolve for the experiment's dataset
 
@@ -94,7 +94,7 @@ def test_ensure_packed_reuses_a_packed_copy_without_reading_the_source(tmp_path,
     from PIL import Image
 
     import dream_dist.data as data
-    from dream_dist.run import ensure_packed
+    from dream_dist.data.prepare import ensure_packed
 
     rng = np.random.default_rng(0)
     for split in ("train", "test"):

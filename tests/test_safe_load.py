@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dream_dist.distill.config import preset
-from dream_dist.distill.engine import (CHECKPOINT_FORMAT, CheckpointError, Distiller, load_checkpoint)
-from dream_dist.distill.shard import ClassShard
+from dream_dist.methods.dream.config import preset
+from dream_dist.methods.dream.engine import (CHECKPOINT_FORMAT, CheckpointError, Distiller, load_checkpoint)
+from dream_dist.methods.dream.shard import ClassShard
 
 PKG = Path(__file__).resolve().parents[1] / "dream_dist"
 TINY = dict(model="convnet_tiny", init_images=256, batch_real=16, net_images=64, net_batch=32)
@@ -42,7 +42,7 @@ def test_malicious_resume_checkpoint_is_refused_and_not_run(tmp_path):
 
 
 def test_malicious_ray_rank_file_is_refused_and_not_run(tmp_path):
-    from dream_dist.distributed import _load_merged
+    from dream_dist.distributed.train import _load_merged
 
     marker = tmp_path / "pwned"
     _plant(tmp_path / "ckpt" / "rank0000.pt", marker)
@@ -53,7 +53,7 @@ def test_malicious_ray_rank_file_is_refused_and_not_run(tmp_path):
 
 def test_the_cli_resume_path_refuses_a_planted_checkpoint(tmp_path, digits):
     """What `dream-dist distill.resume=true out_dir=DIR` does with DIR/checkpoint.pt."""
-    from dream_dist.distill.task import make_distiller, prepare
+    from dream_dist.methods.dream.method import make_distiller, prepare
     from dream_dist.run import compose
 
     marker = tmp_path / "pwned"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dream_dist.data import load_dataset
-from dream_dist.evaluate import EvalConfig, evaluate
+from dream_dist.evaluation.protocol import EvalConfig, evaluate
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from PIL import Image
 from dream_dist.data import load_dataset
 from dream_dist.data.shards import PackedReader
 from dream_dist.data import stream
-from dream_dist.data.stream import imagefolder_source, imagenet_source, load_resized, pack_files
+from dream_dist.data.stream import imagefolder_source, imagenet_source, pack_files
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 

@@ -174,7 +174,7 @@ def test_tune_digits_preset_composes():
     assert cfg.task == "tune" and cfg.dataset.name == "digits"
     t = cfg.tune
     assert t.num_samples >= 4 and t.max_concurrent_trials == 2 and t.clusters and t.lr_img[10]
-    from dream_dist.distill.task import resolve
+    from dream_dist.methods.dream.method import resolve
 
     d = resolve(cfg)
     assert t.report_every <= d.iterations * d.inner_steps
@@ -203,10 +203,10 @@ def test_impossible_combination_refused_before_any_trial(tmp_path):
 
 
 def test_ray_eval_equals_sequential_evaluate(local_ray, digits, tmp_path):
-    from dream_dist.coreset import build_coreset
+    from dream_dist.methods.coreset import build_coreset
     from dream_dist.data import normalize
-    from dream_dist.evaluate import EvalConfig, evaluate
-    from dream_dist.ray_eval import evaluate_on_ray
+    from dream_dist.evaluation.protocol import EvalConfig, evaluate
+    from dream_dist.distributed.evaluate import evaluate_on_ray
 
     train, test = digits
     mean, std = train.mean_std()
@@ -231,10 +231,10 @@ def test_ray_eval_equals_sequential_evaluate(local_ray, digits, tmp_path):
 
 
 def test_ray_eval_soft_labels_and_weights_match(local_ray, digits):
-    from dream_dist.coreset import build_coreset
+    from dream_dist.methods.coreset import build_coreset
     from dream_dist.data import normalize
-    from dream_dist.evaluate import EvalConfig, evaluate
-    from dream_dist.ray_eval import evaluate_on_ray
+    from dream_dist.evaluation.protocol import EvalConfig, evaluate
+    from dream_dist.distributed.evaluate import evaluate_on_ray
 
     train, test = digits
     mean, std = train.mean_std()

@@ -68,4 +68,13 @@ def load_dataset(name: str, split: str = "train", root: str | Path | None = None
 
 def _register_builtin() -> None:
     # Imported lazily so `import dream_dist.data` stays cheap (PIL, sklearn load on demand).
-    from dream_dist.data import cifar, digits, folder, idx, shards, stream  # noqa: F401
+    # The loaders do not register themselves: they never import this package back.
+    if "digits" in SOURCES:
+        return
+    from dream_dist.data import cifar, digits, folder, idx, shards, stream
+
+    builtin = {"digits": digits.load_digits, "mnist": idx.load_mnist, "fashion_mnist": idx.load_fashion,
+               "cifar10": cifar.load_cifar10, "cifar100": cifar.load_cifar100, "imagefolder": folder.load_imagefolder,
+               "tinyimagenet": folder.load_tinyimagenet, "packed": shards.load_packed, "imagenet": stream.load_imagenet}
+    for name, fn in builtin.items():
+        SOURCES.setdefault(name, fn)

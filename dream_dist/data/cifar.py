@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dream_dist.data import register_source
 from dream_dist.data.base import ImageSet
 from dream_dist.errors import DataError, DataNotFoundError
 
@@ -47,7 +46,6 @@ def _stack(root: Path, files: list[str], label_key: str) -> tuple[np.ndarray, np
     return np.concatenate(xs), np.concatenate(ys)
 
 
-@register_source("cifar10")
 def load_cifar10(root: Path, split: str) -> ImageSet:
     files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     x, y = _stack(root, files, "labels")
@@ -55,7 +53,6 @@ def load_cifar10(root: Path, split: str) -> ImageSet:
     return ImageSet(torch.from_numpy(x), torch.from_numpy(y), classes)
 
 
-@register_source("cifar100")
 def load_cifar100(root: Path, split: str) -> ImageSet:
     x, y = _stack(root, ["train" if split == "train" else "test"], "fine_labels")
     classes = _names(_unpickle(root / "meta"), "fine_label_names")

@@ -10,14 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dream_dist.data import register_source
 from dream_dist.data.base import ImageSet
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 
 
-@register_source("digits")
 def load_digits(root, split: str, size: int = 28) -> ImageSet:
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dream_dist.data import register_source
 from dream_dist.data.base import ImageSet
 from dream_dist.errors import ConfigError, DataError, DataNotFoundError
 
@@ -67,7 +66,6 @@ def _decode_all(paths: list[Path], mode: str, size: int | None, on_corrupt: str 
     return images, kept
 
 
-@register_source("imagefolder")
 def load_imagefolder(root: Path, split: str, mode: str = "RGB", size: int | None = None,
                      on_corrupt: str = "error") -> ImageSet:
     base = root / split if (root / split).is_dir() else root
@@ -83,7 +81,6 @@ def load_imagefolder(root: Path, split: str, mode: str = "RGB", size: int | None
     return ImageSet(images, torch.tensor(labels, dtype=torch.int64)[kept], classes)
 
 
-@register_source("tinyimagenet")
 def load_tinyimagenet(root: Path, split: str, names: bool = False, on_corrupt: str = "error") -> ImageSet:
     wnids_file = root / "wnids.txt"
     if not wnids_file.exists():

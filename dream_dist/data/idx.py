@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dream_dist.data import register_source
 from dream_dist.data.base import ImageSet
 from dream_dist.errors import DataError, DataNotFoundError
 
@@ -83,11 +82,9 @@ def load_idx_pair(root: Path, split: str, classes: list[str]) -> ImageSet:
     return ImageSet(x, y, classes)
 
 
-@register_source("mnist")
 def load_mnist(root: Path, split: str) -> ImageSet:
     return load_idx_pair(root, split, [str(i) for i in range(10)])
 
 
-@register_source("fashion_mnist")
 def load_fashion(root: Path, split: str) -> ImageSet:
     return load_idx_pair(root, split, list(FASHION_CLASSES))

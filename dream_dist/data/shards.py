@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dream_dist.data import register_source
 from dream_dist.data.base import ImageSet
 from dream_dist.errors import ConfigError, DataError, DataNotFoundError
 
@@ -384,7 +383,6 @@ class ClassCache:
         return self.reader.read_samples(c, idx)
 
 
-@register_source("packed")
 def load_packed(root: Path, split: str, classes: list[int] | None = None, on_corrupt: str = "error") -> ImageSet:
     if root is None:
         raise ConfigError("dataset.root: dataset 'packed' needs root=<directory written by pack>")

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from dream_dist.data import register_source
 from dream_dist.data.folder import IMAGE_EXTS
 from dream_dist.data.shards import FORMAT, VERSION
 from dream_dist.errors import ConfigError, DataError, DataNotFoundError
@@ -393,7 +392,6 @@ def decode_source(source: FileSource, size: int | None = None, resize: str = "sh
     return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), source.classes)
 
 
-@register_source("imagenet")
 def load_imagenet(root: Path, split: str, size: int | None = None, resize: str = "shorter",
                   on_corrupt: str = "error") -> "ImageSet":
     """ImageNet-1K in one of its standard layouts, decoded in memory: only for small subsets;

@@ -16,6 +16,7 @@ pickled code.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +32,30 @@ from dream_dist.formation import decode, decode_labels
 
 FORMAT = "dream_dist.distilled"
 VERSION = 1
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """torch.save to a temp file, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+
+def load_plain(path: str | Path) -> Any:
+    """torch.load of a file WITHOUT running any code from it (weights_only=True: tensors,
+    numbers, strings, lists and dicts only); anything else is a CheckpointError naming it."""
+    from dream_dist.errors import CheckpointError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError...: all mean "not ours"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused: not a checkpoint that loads without running code "
+                              f"(torch.load weights_only=True: {first})") from None
+
 
 # Decoding / quantising in chunks bounds peak float memory for large (ImageNet-sized) sets.
 _CHUNK = 256
@@ -183,7 +208,6 @@ def save_distilled(
         only, so an ImageNet-1K export does not produce a 1000-row, ~600 MB bitmap.
     Returns the path of the tensor file.
     """
-    from dream_dist.distill.engine import atomic_save  # engine pulls in models: load only to save
     from dream_dist.viz import save_grid
 
     path = Path(path)
@@ -244,7 +268,7 @@ def load_distilled(path: str | Path, decoded: bool = True) -> "DistilledSet":
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(
             f"{path}: not a dream_dist distilled set (format tag {found!r}, expected {FORMAT!r}); "
-            "write one with dream_dist.distill.export.save_distilled"
+            "write one with dream_dist.artifact.save_distilled"
         )
     if not isinstance(state.get("version"), int) or state["version"] > VERSION:
         raise ValueError(

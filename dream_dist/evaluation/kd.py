@@ -1,7 +1,7 @@
 """RDED's evaluation protocol: train fresh students by online knowledge distillation (KD)
 from the observer, and test them on the real test split.
 
-    from dream_dist.kd import KDConfig, evaluate_kd
+    from dream_dist.evaluation.kd import KDConfig, evaluate_kd
     cfg = KDConfig(epochs=300, runs=5, patch_factor=2)
     result = evaluate_kd(images, labels, observer, test, mean, std, cfg, log_dir="runs/x")
     print(result)                 # 93.10 ± 0.40 (5 runs, last epoch, soft labels)
@@ -24,9 +24,7 @@ Results carry soft_labels=True: they are not comparable with hard-label protocol
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +32,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from dream_dist.augment import cutmix
 from dream_dist.data.base import ImageSet
-from dream_dist.evaluate import (
+from dream_dist.evaluation.loop import EvalJob, run_jobs, tb_dir
+from dream_dist.evaluation.protocol import (
     EvalResult,
     _check_set,
     _lr_factor,
@@ -53,6 +51,8 @@ __all__ = [
     "KDConfig",
     "augment",
     "evaluate_kd",
+    "kd_job",
+    "KDRunner",
     "kd_loss",
     "random_resized_crop",
     "shuffle_patches",
@@ -289,6 +289,7 @@ def evaluate_kd(
     log_dir: str | Path | None = None,
     name: str = "kd",
     progress: bool = True,
+    executor: Any = None,
 ) -> EvalResult:
     """cfg.runs fresh students trained by online KD from `observer` on the set, tested on `test`.
 
@@ -304,39 +305,59 @@ def evaluate_kd(
     if observer_out != test.num_classes:
         raise ValueError(f"the observer has {observer_out} outputs but the test set has "
                          f"{test.num_classes} classes")
+    return run_jobs([kd_job(images, labels, observer, test, mean, std, cfg, factor, name, log_dir)],
+                    executor, log_dir, progress)[name]
+
+
+class KDRunner:
+    """One KD run: a fresh student (seed cfg.seed + run) taught by the observer (picklable)."""
+
+    def __init__(self, images: Tensor, observer: nn.Module, test: ImageSet, mean, std, cfg: KDConfig,
+                 log_dir: str | Path | None, name: str):
+        self.images, self.observer, self.test = images, observer, test
+        self.mean, self.std, self.cfg, self.log_dir, self.name = list(mean), list(std), cfg, log_dir, name
+
+    def __call__(self, run: int, progress: Any = None) -> tuple[float, list[float], list]:
+        cfg, test = self.cfg, self.test
+        seed = cfg.seed + run
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            student = build_model(cfg.model, self.images.shape[1], test.num_classes, self.images.shape[-1],
+                                  width=cfg.width, norm=cfg.norm)
+        g = torch.Generator().manual_seed(derive_seed(seed, 1))
+        losses = train_student(student, self.observer, self.images, test.num_classes, cfg, g, progress)
+        acc = test_accuracy(student, test, self.mean, self.std, cfg.test_batch_size)
+        tb = tb_dir(self.log_dir, self.name, run)
+        if tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(tb) as writer:
+                for epoch, loss in enumerate(losses):
+                    writer.add_scalar("train/kd_loss", loss, epoch)
+                writer.add_scalar("test/acc", acc, cfg.epochs)
+        return acc, losses, [(cfg.epochs, acc)]
+
+
+def kd_job(images: Tensor, labels: Tensor, observer: nn.Module, test: ImageSet, mean, std, cfg: KDConfig,
+           factor: int = 1, name: str = "kd", log_dir: str | Path | None = None) -> EvalJob:
+    """The KD evaluation of one stored set as a job of the run loop (see `evaluate_kd`)."""
     images, labels, _ = decode_set(images, labels, factor)
     config = {**dataclasses.asdict(cfg), "factor": factor, "protocol": "kd"}
-    accs: list[float] = []
-    final_losses: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(total=cfg.runs * cfg.epochs, desc=name, disable=None if progress else True,
-               dynamic_ncols=True)
-    try:
-        for run in range(cfg.runs):
-            seed = cfg.seed + run
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                student = build_model(cfg.model, images.shape[1], test.num_classes,
-                                      images.shape[-1], width=cfg.width, norm=cfg.norm)
-            g = torch.Generator().manual_seed(derive_seed(seed, 1))
-            losses = train_student(student, observer, images, test.num_classes, cfg, g, bar)
-            acc = test_accuracy(student, test, mean, std, cfg.test_batch_size)
-            accs.append(acc)
-            final_losses.append(losses[-1])
-            bar.set_description(f"{name} run {run}: {acc:.2f}%")
-            if log_dir is not None:
-                from torch.utils.tensorboard import SummaryWriter
+    return EvalJob(name, cfg.runs, KDRunner(images, observer, test, mean, std, cfg, log_dir, name), config, True,
+                   images.shape[0], cfg.epochs)
 
-                with SummaryWriter(str(Path(log_dir) / "tb" / name / f"run{run}")) as writer:
-                    for epoch, loss in enumerate(losses):
-                        writer.add_scalar("train/kd_loss", loss, epoch)
-                    writer.add_scalar("test/acc", acc, cfg.epochs)
-    finally:
-        bar.close()
-    result = EvalResult.from_runs(accs, time.perf_counter() - start, config, True,
-                                  images.shape[0], final_losses)
-    if log_dir is not None:
-        path = Path(log_dir) / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"name": name, **result.to_dict()}, indent=2))
-    return result
+
+class KDProtocol:
+    """RDED's evaluation as a protocol object: `job(set)` for the run loop, `title()`."""
+
+    def __init__(self, cfg: KDConfig, observer: nn.Module, test: ImageSet, mean, std):
+        self.cfg, self.observer, self.test, self.mean, self.std = cfg, observer, test, list(mean), list(std)
+
+    def job(self, s, name: str | None = None, log_dir: str | Path | None = None) -> EvalJob:
+        _check_set(s.images, s.labels, self.test)
+        return kd_job(s.images, s.labels, self.observer, self.test, self.mean, self.std, self.cfg, s.factor,
+                      name or s.name, log_dir)
+
+    def title(self) -> str:
+        c = self.cfg
+        return f"KD eval {c.model}, {c.epochs} epochs x {c.runs} runs, last epoch, soft labels"

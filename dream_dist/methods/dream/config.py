@@ -16,11 +16,12 @@ Every None field resolves, once the dataset is known, to that code's value for t
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
-from dream_dist.distill.matching import DISTANCES, LOSSES
-from dream_dist.errors import DataError
+from dream_dist.methods.dream.matching import DISTANCES, LOSSES
+from dream_dist.errors import ConfigError, DataError
 from dream_dist.formation import TILE_MODES
 
 BASES = ("dc", "dsa", "dm", "idc")
@@ -348,3 +349,61 @@ def preset(name: str, **overrides: Any) -> DistillConfig:
     if values["base"] in ("dc", "dsa") and "inner_steps" not in overrides:
         values["inner_steps"] = DC_OUTER.get(overrides.get("ipc", 10), 10)
     return DistillConfig(**{**values, **overrides})
+
+
+@dataclass
+class DistillRunConfig:
+    method: str = "dream_plus"
+    """Preset name (dream_dist.methods.dream.config.PRESETS): dream_plus, dream, idc, dc, dsa, dm,
+    dream_plus_dc, dream_plus_dsa, dream_plus_dm, idc_representative, idc_bidirectional,
+    idc_cluster_init."""
+    overrides: dict = field(default_factory=dict)
+    """Fields of DistillConfig that differ from the preset (e.g. iterations, inner_steps, width)."""
+    shards: int = 1
+    """Class shards run in this process (the unit a Ray worker owns); the result is the same
+    for any count."""
+    resume: bool = False
+    """Continue from <out_dir>/checkpoint.pt when it exists."""
+    checkpoint_every: int = 10
+    """Inner steps between checkpoints (and at every outer iteration's end)."""
+    quick_eval_every: int = 0
+    """Inner steps between quick evaluations logged to TensorBoard (0 = off)."""
+    quick_eval_epochs: int = 100
+    """Epochs of the quick evaluation (1 run, else the eval config)."""
+    grid_every: int = 10
+    """Inner steps between synthetic image grids in TensorBoard."""
+    snapshot_steps: list[int] = field(default_factory=list)
+    """Global inner steps after which the synthetic set is saved for later evaluation."""
+    baseline: bool = True
+    """Also evaluate a random real coreset of the same IPC, for the comparison table."""
+    memory_budget_mb: float = 4096
+    """Decoded real images kept in memory (MB); a class over the budget is not cached: a step
+    reads only its batch's samples from the shards (whole-class clustering streams the class)."""
+    workers: int = 0
+    """0 = run the class shards in this process; N >= 1 = one class shard on each of N Ray Train
+    workers (joins the running cluster when there is one, else starts Ray locally). Same result."""
+    max_failures: int = 1
+    """Ray runs: worker-group restarts from the last checkpoint allowed after a worker dies."""
+
+    def __post_init__(self) -> None:
+        if self.method not in PRESETS:
+            raise ConfigError(f"distill.method: unknown {self.method!r}; choose one of {', '.join(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(DistillConfig)}
+        bad = sorted(set(self.overrides) - fields)
+        if bad:
+            raise ConfigError(f"distill.overrides: unknown key(s) {bad}; allowed: {', '.join(sorted(fields))}")
+        try:
+            preset(self.method, **dict(self.overrides))
+        except (TypeError, ValueError) as e:
+            # DistillConfig names its fields distill.<field>; on the command line they are
+            # distill.overrides.<field>.
+            raise ConfigError(re.sub(r"^distill\.", "distill.overrides.", str(e))) from None
+        for name in ("shards", "checkpoint_every", "quick_eval_epochs", "grid_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"distill.{name} must be >= 1")
+        if not self.memory_budget_mb > 0:
+            raise ConfigError(f"distill.memory_budget_mb must be > 0, got {self.memory_budget_mb}")
+        if self.quick_eval_every < 0:
+            raise ConfigError("distill.quick_eval_every must be >= 0")
+        if self.workers < 0 or self.max_failures < 0:
+            raise ConfigError("distill.workers and distill.max_failures must be >= 0")

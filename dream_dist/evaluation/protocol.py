@@ -1,6 +1,6 @@
 """Evaluation protocol (DESIGN.md §4): train fresh networks on a distilled set, test on real data.
 
-    from dream_dist.evaluate import EvalConfig, evaluate
+    from dream_dist.evaluation.protocol import EvalConfig, evaluate
     cfg = EvalConfig.preset("idc", model="convnet", runs=5)
     result = evaluate(syn_images, syn_labels, test, mean, std, cfg, factor=2, log_dir="runs/x")
     print(result)          # 98.41 ± 0.12 (5 runs, last epoch)
@@ -20,22 +20,19 @@ workers (they are independent) and combine them with `EvalResult.from_runs`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from dream_dist.augment import DEFAULT_STRATEGY, DSA, cutmix, dc_augment, remove_groups
 from dream_dist.data.base import ImageSet, normalize
 from dream_dist.errors import DataError
+from dream_dist.evaluation.loop import EvalJob, EvalResult, run_jobs, tb_dir
 from dream_dist.formation import decode, decode_labels
 from dream_dist.models import MODELS, NORMS, build_model
 from dream_dist.seeding import derive_seed
@@ -50,6 +47,8 @@ __all__ = [
     "decode_set",
     "epoch_batches",
     "evaluate",
+    "hard_label_job",
+    "HardLabelRunner",
 ]
 
 SCHEDULES = ("dc", "idc", "cosine")
@@ -393,49 +392,6 @@ def test_accuracy(model: nn.Module, test: ImageSet, mean, std, batch_size: int =
 test_accuracy.__test__ = False  # type: ignore[attr-defined]
 
 
-@dataclass
-class EvalResult:
-    """Accuracy of networks trained on a distilled set (last epoch of each run)."""
-
-    mean: float
-    """Mean test accuracy (%) over the runs."""
-    std: float
-    """SAMPLE standard deviation (ddof=1) over the runs; 0.0 for a single run."""
-    accs: list[float]
-    """Last-epoch test accuracy (%) of each run, in run order."""
-    seconds: float
-    """Wall time of all runs (train + test)."""
-    config: dict
-    """The EvalConfig as a dict, plus `factor`."""
-    soft_labels: bool
-    """Trained with soft labels: not comparable with hard-label results."""
-    num_images: int = 0
-    """Training images per run after multi-formation decoding (stored images x factor²)."""
-    final_losses: list[float] = field(default_factory=list)
-    """Last-epoch training loss of each run."""
-    curves: list[list] = field(default_factory=list)
-    """Per run, (epoch, test accuracy) every config curve_every epochs and at the end: a
-    diagnostic of the training, not a model selection."""
-
-    @classmethod
-    def from_runs(cls, accs: list[float], seconds: float, config: dict, soft_labels: bool,
-                  num_images: int = 0, final_losses: list[float] | None = None,
-                  curves: list[list] | None = None) -> "EvalResult":
-        a = np.asarray(accs, dtype=np.float64)
-        std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
-        return cls(float(a.mean()), std, [float(v) for v in accs], seconds, config, soft_labels,
-                   num_images, list(final_losses or []), [list(map(list, c)) for c in (curves or [])])
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def __str__(self) -> str:
-        tags = f"{len(self.accs)} run{'s' if len(self.accs) != 1 else ''}, last epoch"
-        if self.soft_labels:
-            tags += ", soft labels"
-        return f"{self.mean:.2f} ± {self.std:.2f} ({tags})"
-
-
 def _check_set(images: Tensor, labels: Tensor, test: ImageSet) -> None:
     if images.dim() != 4 or not images.is_floating_point():
         raise ValueError(f"images must be float (N, C, H, W), already normalised; got "
@@ -504,6 +460,21 @@ def evaluate_run(
     return acc, losses
 
 
+def _check_args(images: Tensor, labels: Tensor, test: ImageSet, factor: int, soft_labels: Tensor | None,
+                weights: Tensor | None) -> None:
+    _check_set(images, labels, test)
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be a positive int, got {factor!r}")
+    n = images.shape[0]
+    if soft_labels is not None and soft_labels.shape != (n, test.num_classes):
+        raise ValueError(f"soft_labels must be ({n}, {test.num_classes}) (images x classes), got "
+                         f"{tuple(soft_labels.shape)}")
+    if weights is not None and weights.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},) (one per stored image), got "
+                         f"{tuple(weights.shape)}")
+
+
+
 def decode_set(images: Tensor, labels: Tensor, factor: int, soft_labels: Tensor | None = None,
                weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(training images, targets, weights) of a stored set after multi-formation decoding.
@@ -539,6 +510,7 @@ def evaluate(
     name: str = "eval",
     progress: bool = True,
     dataset: str | None = None,
+    executor: Any = None,
 ) -> EvalResult:
     """Evaluate a distilled set: cfg.runs fresh networks trained on it, tested on `test`.
 
@@ -550,44 +522,55 @@ def evaluate(
     log_dir: writes <log_dir>/<name>.json and TensorBoard runs <log_dir>/tb/<name>/run<i>.
     progress: a tqdm bar over runs x epochs (shown when stderr is a terminal).
     dataset: the dataset's name, for the protocol's per-dataset settings (cfg.resolved).
+    executor: where the runs go (dream_dist.evaluation.loop; None = here, one after the other).
     """
-    _check_set(images, labels, test)
-    if not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"factor must be a positive int, got {factor!r}")
-    n = images.shape[0]
-    if soft_labels is not None and soft_labels.shape != (n, test.num_classes):
-        raise ValueError(f"soft_labels must be ({n}, {test.num_classes}) (images x classes), got "
-                         f"{tuple(soft_labels.shape)}")
-    if weights is not None and weights.shape != (n,):
-        raise ValueError(f"weights must have shape ({n},) (one per stored image), got "
-                         f"{tuple(weights.shape)}")
+    _check_args(images, labels, test, factor, soft_labels, weights)
+    return run_jobs([hard_label_job(images, labels, test, mean, std, cfg, factor, soft_labels, weights, name,
+                                    log_dir, dataset, checked=True)],
+                    executor, log_dir, progress)[name]
 
+
+class HardLabelRunner:
+    """One run of the hard-label protocol on a decoded set (picklable: Ray tasks get it)."""
+
+    def __init__(self, images: Tensor, targets: Tensor, weights: Tensor | None, test: ImageSet, mean, std,
+                 cfg: "EvalConfig", log_dir: str | Path | None, name: str):
+        self.images, self.targets, self.weights, self.test = images, targets, weights, test
+        self.mean, self.std, self.cfg, self.log_dir, self.name = list(mean), list(std), cfg, log_dir, name
+
+    def __call__(self, run: int, progress: Any = None) -> tuple[float, list[float], list]:
+        curve: list = []
+        acc, losses = evaluate_run(self.images, self.targets, self.test, self.mean, self.std, self.cfg, run=run,
+                                   weights=self.weights, log_dir=tb_dir(self.log_dir, self.name, run),
+                                   progress=progress, curve=curve)
+        return acc, losses, curve
+
+
+def hard_label_job(images: Tensor, labels: Tensor, test: ImageSet, mean, std, cfg: "EvalConfig", factor: int = 1,
+                   soft_labels: Tensor | None = None, weights: Tensor | None = None, name: str = "eval",
+                   log_dir: str | Path | None = None, dataset: str | None = None, checked: bool = False) -> EvalJob:
+    """The evaluation of one stored set under `cfg` as a job of the run loop (see `evaluate`)."""
+    if not checked:
+        _check_args(images, labels, test, factor, soft_labels, weights)
     images, targets, weights = decode_set(images, labels, factor, soft_labels, weights)
     cfg = cfg.resolved(dataset, factor)
-
     config = {**dataclasses.asdict(cfg), "factor": factor, "dataset": dataset}
-    accs: list[float] = []
-    final_losses: list[float] = []
-    curves: list[list] = []
-    start = time.perf_counter()
-    bar = tqdm(total=cfg.runs * cfg.epochs, desc=name, disable=None if progress else True,
-               dynamic_ncols=True)
-    try:
-        for run in range(cfg.runs):
-            tb = Path(log_dir) / "tb" / name / f"run{run}" if log_dir is not None else None
-            curve: list = []
-            acc, losses = evaluate_run(images, targets, test, mean, std, cfg, run=run,
-                                       weights=weights, log_dir=tb, progress=bar, curve=curve)
-            curves.append(curve)
-            accs.append(acc)
-            final_losses.append(losses[-1])
-            bar.set_description(f"{name} run {run}: {acc:.2f}%")
-    finally:
-        bar.close()
-    result = EvalResult.from_runs(accs, time.perf_counter() - start, config,
-                                  soft_labels is not None, images.shape[0], final_losses, curves)
-    if log_dir is not None:
-        path = Path(log_dir) / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"name": name, **result.to_dict()}, indent=2))
-    return result
+    runner = HardLabelRunner(images, targets, weights, test, mean, std, cfg, log_dir, name)
+    return EvalJob(name, cfg.runs, runner, config, soft_labels is not None, images.shape[0], cfg.epochs)
+
+
+class HardLabelProtocol:
+    """A method's hard-label evaluation (labels, or soft labels / weights when a set has them):
+    `job(set)` for the run loop, `title()` for the table. `set` is anything with images, labels,
+    factor, soft_labels, weights and name (dream_dist.methods.base.SynthSet)."""
+
+    def __init__(self, cfg: EvalConfig, test: ImageSet, mean, std, dataset: str | None = None):
+        self.cfg, self.test, self.mean, self.std, self.dataset = cfg, test, list(mean), list(std), dataset
+
+    def job(self, s, name: str | None = None, log_dir: str | Path | None = None) -> EvalJob:
+        return hard_label_job(s.images, s.labels, self.test, self.mean, self.std, self.cfg, s.factor,
+                              s.soft_labels, s.weights, name or s.name, log_dir, self.dataset)
+
+    def title(self) -> str:
+        c = self.cfg.resolved(self.dataset)
+        return f"eval {c.model}, {c.epochs} epochs x {c.runs} runs, last epoch"

@@ -6,7 +6,7 @@
     dream-dist task=ddoq ddoq.encoder=diffusers_vae ddoq.encoder_path=/models/sd-vae \\
         '+ddoq.encoder_options={subfolder: null, image_size: 64}'
 
-    from dream_dist.ddoq import DDOQConfig, distill
+    from dream_dist.methods.ddoq import DDOQConfig, distill
     res = distill(train, encoder, mean, std, DDOQConfig(ipc=10), seed=0)
     res.images, res.labels, res.weights          # decoded centroids + their cluster masses
 
@@ -18,7 +18,7 @@ arXiv 2501.07681), and what dream_dist does at each step:
 3. the weight of centroid j is its cluster mass: how many of the class's latents lie in its
    Voronoi cell (`cluster_masses`); the weights of a class sum to its size          [paper]
 4. decode the centroids, x_j = D(z_j), and train on them with the weights as per-sample
-   loss weights (`dream_dist.evaluate`, weighted mean of the loss), optionally with the
+   loss weights (`dream_dist.evaluation.protocol`, weighted mean of the loss), optionally with the
    observer's soft labels softmax(observer(x_j) / T) as targets                     [paper]
 
 Assumptions and differences (no public code exists; these are dream_dist's choices):
@@ -47,7 +47,6 @@ weight histogram, image grid; tb/<eval name>/run<i>: evaluation runs).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -61,7 +60,8 @@ from tqdm.auto import tqdm
 
 from dream_dist.data.base import ImageSet, denormalize, normalize
 from dream_dist.encoders import ENCODERS, AutoencoderConfig, Encoder, encoder_options
-from dream_dist.errors import DataError
+from dream_dist.errors import ConfigError, DataError
+from dream_dist.methods.base import Method, SynthSet
 from dream_dist.kmeans import KMEANS_INITS, cluster_masses, minibatch_kmeans
 from dream_dist.seeding import CLUSTER, derive_seed
 
@@ -77,15 +77,13 @@ __all__ = [
     "distill_class",
     "encode_images",
     "quantize",
-    "run_ddoq",
+    "DDOQMethod",
 ]
 
 WEIGHTINGS = ("mass", "sqrt", "uniform")
 
 
 def _error(msg: str) -> ValueError:
-    from dream_dist.config import ConfigError  # lazy: config.py imports this module
-
     return ConfigError(msg)
 
 
@@ -125,6 +123,8 @@ class DDOQConfig:
     """Images per encoder/decoder forward pass (memory only; no effect on the result)."""
     baseline: bool = True
     """Also evaluate a random real coreset of the same IPC (with the same kind of labels)."""
+    workers: int = 0
+    """0 = every class in this process; N = the classes fan out to N Ray tasks (same set)."""
 
     def __post_init__(self) -> None:
         for name in ("ipc", "kmeans_batch_size", "kmeans_iterations", "batch_size"):
@@ -147,6 +147,8 @@ class DDOQConfig:
             raise _error(f"ddoq.weighting: unknown {self.weighting!r}; choose {', '.join(WEIGHTINGS)}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise _error(f"ddoq.temperature must be a finite number > 0, got {self.temperature}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise _error(f"ddoq.workers must be an int >= 0, got {self.workers!r}")
         if self.observer_path is not None and not self.soft_labels:
             raise _error("ddoq.observer_path is only used with ddoq.soft_labels=true")
 
@@ -324,85 +326,116 @@ def _weights_png(weights: Tensor, labels: Tensor, classes: list[str], path: Path
     plt.close(fig)
 
 
-def run_ddoq(cfg) -> dict:
-    """task=ddoq: encode, quantise, decode, save, evaluate with the weights, report."""
-    from torch.utils.tensorboard import SummaryWriter
+@dataclass
+class DDOQPrep:
+    encoder: Encoder
+    encoder_info: dict
+    observer: Any
+    observer_info: dict | None
+    mean: list[float]
+    std: list[float]
 
-    from dream_dist.coreset import build_coreset
-    from dream_dist.distill.export import save_distilled
-    from dream_dist.evaluate import evaluate
-    from dream_dist.published import published
-    from dream_dist.run import load_packed_splits, print_table
-    from dream_dist.viz import grid
 
-    d = cfg.ddoq
-    out = Path(cfg.out_dir)
-    train, test, mean, std = load_packed_splits(cfg)
-    classes = cfg.dataset.classes or list(range(train.num_classes))
-    counts = train.counts()
-    small = [(c, counts[c]) for c in classes if counts[c] < d.ipc]
-    if small:  # before any compute
-        c, n = small[0]
-        raise DataError(f"ddoq.ipc={d.ipc} is larger than class {c} ({train.classes[c]!r}), which has "
-                         f"only {n} training images")
-    writer = SummaryWriter(str(out / "tb" / "ddoq"))
-    try:
-        enc, enc_info = prepare_encoder(cfg, train, mean, std, out, writer)
-        start = time.perf_counter()
-        res = distill(train, enc, mean, std, d, seed=cfg.seed, classes=classes, device=cfg.device,
-                      progress=cfg.progress)
-        distill_seconds = time.perf_counter() - start
+class DDOQMethod(Method):
+    """task=ddoq: encode, quantise (k-means per class), decode, weight by cluster mass."""
 
-        soft = obs_info = observer = None
+    task = "ddoq"
+
+    def workers(self, cfg) -> int:
+        return cfg.ddoq.workers
+
+    def prepare(self, cfg, data, out: Path) -> DDOQPrep:
+        d = cfg.ddoq
+        small = [(c, data.counts_all[c]) for c in data.classes if data.counts_all[c] < d.ipc]
+        if small:  # before any compute
+            c, n = small[0]
+            raise DataError(f"ddoq.ipc={d.ipc} is larger than class {c} ({data.names[c]!r}), which has "
+                            f"only {n} training images")
+        from torch.utils.tensorboard import SummaryWriter
+
+        # The train split is read only when something trains on it (autoencoder, observer).
+        # (an autoencoder trains on it; every encoder but identity shows reconstructions of it).
+        train = data.train() if d.encoder != "identity" else data.meta()
+        with SummaryWriter(str(out / "tb" / "ddoq")) as writer:
+            enc, enc_info = prepare_encoder(cfg, train, data.mean, data.std, out, writer)
+        observer = obs_info = None
         if d.soft_labels:
-            from dream_dist.observer import ObserverConfig, get_observer, soft_labels
+            from dream_dist.evaluation.observer import ObserverConfig, get_observer
 
             ocfg = getattr(cfg, "observer", None) or ObserverConfig()
             if d.observer_path is not None:
                 ocfg = dataclasses.replace(ocfg, path=d.observer_path)
-            observer, obs_info = get_observer(ocfg, train, mean, std, seed=cfg.seed, save_to=out / "observer.pt",
-                                              progress=cfg.progress, device=cfg.device)
-            soft = soft_labels(observer, res.images, d.temperature)
+            obs_train = data.train() if ocfg.path is None else data.meta()
+            observer, obs_info = get_observer(ocfg, obs_train, data.mean, data.std, seed=cfg.seed,
+                                              save_to=out / "observer.pt", progress=cfg.progress, device=cfg.device)
+        return DDOQPrep(enc, enc_info, observer, obs_info, data.mean, data.std)
 
-        for c, v in res.distortion.items():
-            writer.add_scalar("ddoq/distortion", v, c)
-        writer.add_histogram("ddoq/weights", res.weights, 0)
-        writer.add_image("ddoq/distilled", grid(denormalize(res.images, mean, std), nrow=d.ipc), 0,
-                         dataformats="HWC")
-        metrics = {"distill_seconds": distill_seconds, "encoder_seconds": enc_info["seconds"],
-                   "encoder": {k: v for k, v in enc_info.items() if k != "seconds"},
-                   "latent_shape": list(res.latent_shape), "distortion": res.distortion,
-                   "observer": obs_info}
-        path = save_distilled(out / "distilled.pt", res.images, res.labels, 1, train.classes, mean, std,
-                              config={"run": dataclasses.asdict(cfg)}, metrics=metrics, soft_labels=soft,
-                              weights=res.weights)
-        _weights_png(res.weights, res.labels, train.classes, out / "weights.png")
+    def distill_group(self, cfg, prep: DDOQPrep, classes, images_of, progress: bool = False) -> dict:
+        parts = {}
+        for c in tqdm(classes, desc="ddoq classes", disable=None if progress else True, leave=False):
+            try:
+                dec, q = distill_class(prep.encoder, images_of(c), prep.mean, prep.std, cfg.ddoq,
+                                       class_seed(cfg.seed, c), cfg.device)
+            except ValueError as e:
+                raise DataError(f"class {c}: {e}") from None
+            parts[c] = (dec, q)
+        return parts
 
-        tag = "_soft" if soft is not None else ""
-        rows = []
-        r = evaluate(res.images, res.labels, test, mean, std, cfg.eval, soft_labels=soft, weights=res.weights,
-                     log_dir=out, name=f"ddoq_{d.encoder}{tag}", progress=cfg.progress,
-                     dataset=cfg.dataset.name)
-        rows.append({"method": f"ddoq ({d.encoder}){' soft' if tag else ''}", "ipc": d.ipc, **r.to_dict(),
-                     "published": None})
-        if d.baseline:
-            core = build_coreset("random", train.subset(torch.isin(train.labels, torch.tensor(classes))),
-                                 d.ipc, seed=cfg.seed)
-            core_x = normalize(core.images, mean, std)
-            core_soft = soft_labels(observer, core_x, d.temperature) if observer is not None else None
-            b = evaluate(core_x, core.labels, test, mean, std, cfg.eval, soft_labels=core_soft,
-                         log_dir=out, name=f"random_coreset{tag}", progress=cfg.progress,
-                         dataset=cfg.dataset.name)
-            rows.append({"method": f"random coreset{' soft' if tag else ''}", "ipc": d.ipc, **b.to_dict(),
-                         "published": None if tag else published(cfg.dataset.name, "random", d.ipc)})
-    finally:
-        writer.close()
-    print_table(rows, f"{cfg.dataset.name}: ddoq ({d.encoder}, {d.weighting} weights"
-                      f"{', soft labels' if tag else ''}); eval {cfg.eval.model}, "
-                      f"{cfg.eval.resolved(cfg.dataset.name).epochs} epochs x {cfg.eval.runs} runs, last epoch",
-                timing=f"distill {distill_seconds:.1f} s + encoder {enc_info['seconds']:.0f} s")
-    summary = {"dataset": cfg.dataset.name, "ddoq": dataclasses.asdict(d), "metrics": metrics, "rows": rows}
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"distilled set: {path} (grid {path.with_suffix('.png')}, weights {out / 'weights.png'})\n"
-          f"TensorBoard:   tensorboard --logdir {out / 'tb'}\nresults:       {out / 'results.json'}")
-    return summary
+    def _tag(self, cfg) -> str:
+        return "_soft" if cfg.ddoq.soft_labels else ""
+
+    def assemble(self, cfg, prep: DDOQPrep, data, parts: dict, out: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        from dream_dist.evaluation.observer import soft_labels
+        from dream_dist.viz import grid
+
+        d, classes = cfg.ddoq, data.classes
+        images = torch.cat([parts[c][0] for c in classes])
+        labels = torch.cat([torch.full((d.ipc,), c, dtype=torch.int64) for c in classes])
+        weights = torch.cat([class_weights(parts[c][1].masses, d.weighting) for c in classes])
+        distortion = {c: parts[c][1].distortion for c in classes}
+        shape = tuple(parts[classes[-1]][1].centroids.shape[1:])
+        soft = soft_labels(prep.observer, images, d.temperature) if prep.observer is not None else None
+        with SummaryWriter(str(out / "tb" / "ddoq")) as writer:
+            for c, v in distortion.items():
+                writer.add_scalar("ddoq/distortion", v, c)
+            writer.add_histogram("ddoq/weights", weights, 0)
+            writer.add_image("ddoq/distilled", grid(denormalize(images, prep.mean, prep.std), nrow=d.ipc), 0,
+                             dataformats="HWC")
+        _weights_png(weights, labels, data.names, out / "weights.png")
+        metrics = {"encoder_seconds": prep.encoder_info["seconds"],
+                   "encoder": {k: v for k, v in prep.encoder_info.items() if k != "seconds"},
+                   "latent_shape": list(shape), "distortion": distortion, "observer": prep.observer_info}
+        tag = self._tag(cfg)
+        return [SynthSet(f"ddoq_{d.encoder}{tag}", images, labels, d.ipc, soft_labels=soft, weights=weights,
+                         label=f"ddoq ({d.encoder}){' soft' if tag else ''}")], metrics
+
+    def evaluator(self, cfg, prep, data):
+        from dream_dist.evaluation.protocol import HardLabelProtocol
+
+        return HardLabelProtocol(cfg.eval, data.test(), data.mean, data.std, cfg.dataset.name)
+
+    def baseline(self, cfg, prep: DDOQPrep, data) -> SynthSet | None:
+        if not cfg.ddoq.baseline:
+            return None
+        from dream_dist.evaluation.observer import soft_labels
+        from dream_dist.methods.coreset import random_baseline
+
+        images, labels = random_baseline(data, cfg.ddoq.ipc, cfg.seed)
+        x = normalize(images, prep.mean, prep.std)
+        soft = soft_labels(prep.observer, x, cfg.ddoq.temperature) if prep.observer is not None else None
+        tag = self._tag(cfg)
+        return SynthSet(f"random_coreset{tag}", x, labels, cfg.ddoq.ipc, soft_labels=soft,
+                        label=f"random coreset{' soft' if tag else ''}", published=None if tag else "random",
+                        save_as=None)
+
+    def title(self, cfg, prep, data, metrics: dict) -> str:
+        d = cfg.ddoq
+        return f"{cfg.dataset.name}: ddoq ({d.encoder}, {d.weighting} weights{', soft labels' if d.soft_labels else ''})"
+
+    def timing(self, metrics: dict) -> str:
+        return f"distill {metrics['distill_seconds']:.1f} s + encoder {metrics['encoder_seconds']:.0f} s"
+
+    def summary(self, cfg, prep) -> dict:
+        return {"ddoq": dataclasses.asdict(cfg.ddoq)}

@@ -22,7 +22,6 @@ randomness is keyed by counters (dream_dist.seeding), so nothing else is needed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,8 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dream_dist.augment import cutmix_draw
-from dream_dist.distill.config import DistillConfig
-from dream_dist.distill.shard import BatchPlan, ClassShard
+from dream_dist.methods.dream.config import DistillConfig
+from dream_dist.methods.dream.shard import BatchPlan, ClassShard
+from dream_dist.artifact import atomic_save, load_plain
+from dream_dist.data.prepare import balance_classes  # noqa: F401  (re-exported)
 from dream_dist.errors import CheckpointError
 from dream_dist.models import build_model
 from dream_dist.seeding import INIT_NET, NET_INIT, NET_MIX, WARMUP, derive_seed, generator
@@ -80,12 +81,7 @@ def load_checkpoint(path: str | Path) -> dict:
     before anything in it runs. The file must also say it is a dream_dist checkpoint of this
     version; otherwise it is refused with what differs."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError, EOFError...: all mean "not ours"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused: not a checkpoint that loads without running code "
-                              f"(torch.load weights_only=True: {first})") from None
+    state = load_plain(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: refused: not a dream_dist distillation checkpoint "
@@ -94,15 +90,6 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: refused: checkpoint version {state.get('version')!r}, this dream_dist "
                               f"reads version {CHECKPOINT_VERSION} (start the run afresh)")
     return state
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temp file, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Distiller:
@@ -300,6 +287,13 @@ class Distiller:
             s.syn_grad(net, n_syn, keys, collect) for s in self.shards))
 
     @property
+    def total_steps(self) -> int:
+        """Inner steps of the whole schedule (iterations x inner_steps)."""
+        return self.cfg.iterations * self.cfg.inner_steps
+
+    load_checkpoint = staticmethod(load_checkpoint)
+
+    @property
     def global_step(self) -> int:
         return self.it * self.cfg.inner_steps + self.step
 
@@ -362,18 +356,3 @@ class Distiller:
     def write_history(self) -> None:
         if self.out_dir is not None:
             (self.out_dir / "history.json").write_text(json.dumps(self.history))
-
-
-def balance_classes(counts: list[int], k: int, classes: list[int] | None = None) -> list[list[int]]:
-    """Split classes into k shards of near-equal image counts (largest first, each to the
-    lightest shard so far). Each shard's classes are returned sorted."""
-    classes = list(range(len(counts))) if classes is None else list(classes)
-    if not 1 <= k <= len(classes):
-        raise ValueError(f"cannot split {len(classes)} classes into {k} shards")
-    shards: list[list[int]] = [[] for _ in range(k)]
-    load = [0] * k
-    for c in sorted(classes, key=lambda c: (-counts[c], c)):
-        j = min(range(k), key=lambda i: (load[i], i))
-        shards[j].append(c)
-        load[j] += counts[c]
-    return [sorted(s) for s in shards]

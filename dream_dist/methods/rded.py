@@ -19,7 +19,7 @@ Per class c (DESIGN.md §3 "RDED"; nothing here looks at other classes):
 Then the set is relabelled with the observer's soft labels ('image': the observer on the
 stitched image; 'patch': the mean of the observer's labels of its f² patches, each upsampled
 to full size — equal areas, so this is the area-weighted label, as CutMix labels a pasted box).
-The evaluation is online KD from the observer (dream_dist.kd), which relabels every augmented
+The evaluation is online KD from the observer (dream_dist.evaluation.kd), which relabels every augmented
 crop again, i.e. region-level labels.
 
 Classes fan out over Ray tasks with `rded.workers > 0` (one task per group of classes,
@@ -30,22 +30,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dream_dist.data.base import ImageSet, normalize
+from dream_dist.data.base import normalize
+from dream_dist.methods.base import Method, SynthSet
 from dream_dist.errors import DataError
 from dream_dist.formation import decode
-from dream_dist.kd import random_resized_crop
-from dream_dist.observer import soft_labels
+from dream_dist.evaluation.kd import random_resized_crop
+from dream_dist.evaluation.observer import soft_labels
 from dream_dist.seeding import derive_seed
 
 __all__ = [
@@ -56,7 +54,7 @@ __all__ = [
     "patch_soft_labels",
     "random_crops",
     "relabel",
-    "run_rded",
+    "RDEDMethod",
     "score_crops",
     "select_crops",
     "stitch",
@@ -231,147 +229,100 @@ def distill_class(images: Tensor, label: int, observer: nn.Module, mean, std, cf
     return stitch(chosen, factor), chosen_scores
 
 
-def _distill_group(packed: str, classes: list[int], observer: nn.Module, mean, std,
-                   cfg: RDEDConfig, factor: int, seed: int, threads: int | None = None
-                   ) -> dict[int, tuple[Tensor, Tensor]]:
-    """One worker's share: reads only its classes' shards."""
-    from dream_dist.data.shards import PackedReader
-
-    if threads:
-        torch.set_num_threads(threads)
-    reader = PackedReader(packed, "train")
-    return {c: distill_class(reader.load_class(c), c, observer, mean, std, cfg, factor, seed)
-            for c in classes}
-
-
-def distill_classes(packed: str | Path, classes: list[int], counts: list[int], observer: nn.Module,
-                    mean, std, cfg: RDEDConfig, factor: int, seed: int = 0,
-                    progress: bool = True, loaded: ImageSet | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """All classes, in-process (cfg.workers == 0) or over Ray tasks -> (images (IPC·|classes|,
-    C, H, W) normalised, labels, crop scores (|classes|, IPC·f²)), class-major.
-
-    loaded: the train split when the caller has already read it; the in-process path then takes
-    each class from it instead of decoding its shards a second time (Ray tasks always read
-    their own classes' shards)."""
-    packed = str(Path(packed).resolve())
-    results: dict[int, tuple[Tensor, Tensor]] = {}
-    if cfg.workers == 0:
-        if loaded is not None:
-            def class_images(c: int) -> Tensor:
-                return loaded.images[loaded.labels == c]
-        else:
-            from dream_dist.data.shards import PackedReader
-
-            class_images = PackedReader(packed, "train").load_class
-        for c in tqdm(classes, desc="rded classes", disable=None if progress else True):
-            results[c] = distill_class(class_images(c), c, observer, mean, std, cfg, factor, seed)
-    else:
-        import ray
-
-        from dream_dist.distill.engine import balance_classes
-        from dream_dist.distributed import ensure_ray
-
-        ensure_ray()
-        groups = balance_classes(counts, min(cfg.workers, len(classes)), classes)
-        task = ray.remote(num_cpus=1)(_distill_group)
-        obs_ref = ray.put(copy.deepcopy(observer).cpu())  # tasks run on CPU workers
-        refs = [task.remote(packed, grp, obs_ref, mean, std, cfg, factor, seed, 1) for grp in groups]
-        for done in tqdm(refs, desc="rded class groups", disable=None if progress else True):
-            results.update(ray.get(done))
+def distill_classes(images_of, classes: list[int], observer: nn.Module, mean, std, cfg: RDEDConfig,
+                    factor: int, seed: int = 0, progress: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """RDED over `classes` in this process, reading each through images_of(c) -> (images
+    (IPC·|classes|, C, H, W) normalised, labels, crop scores (|classes|, IPC·f²)), class-major.
+    (task=rded runs the same per-class step through the pipeline, on Ray with rded.workers.)"""
+    results = {c: distill_class(images_of(c), c, observer, mean, std, cfg, factor, seed)
+               for c in tqdm(classes, desc="rded classes", disable=None if progress else True)}
     images = torch.cat([results[c][0] for c in classes])
     labels = torch.tensor(classes).repeat_interleave(cfg.ipc)
     scores = torch.stack([results[c][1] for c in classes])
     return images, labels, scores
 
 
-# ---------------------------------------------------------------------------- the task
+# ---------------------------------------------------------------------------- the method
 
 
-def run_rded(cfg) -> dict:
-    """task=rded: observer -> RDED set -> export -> KD evaluation (+ random baseline) -> table."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    from dream_dist.coreset import build_coreset
-    from dream_dist.data.shards import PackedReader
-    from dream_dist.distill.export import save_distilled
-    from dream_dist.evaluate import test_accuracy
-    from dream_dist.kd import evaluate_kd
-    from dream_dist.observer import get_observer
-    from dream_dist.run import ensure_packed, print_table
-    from dream_dist.viz import grid
-
-    rcfg, out = cfg.rded, Path(cfg.out_dir)
-    root = ensure_packed(cfg)
-    reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
-    test_reader = PackedReader(root, "test", on_corrupt=cfg.dataset.on_corrupt)
-    classes = list(cfg.dataset.classes or range(len(reader.classes)))
-    counts_all = reader.index["counts"]
-    factor = rcfg.resolved_factor(reader.index["image_size"])
-    rcfg.check_counts({c: counts_all[c] for c in classes}, factor)  # before any compute
-    mean, std = reader.mean_std
-    train, test = reader.load_classes(cfg.dataset.classes), test_reader.load_classes(cfg.dataset.classes)
-
-    observer, obs_info = get_observer(cfg.observer, train, mean, std, seed=cfg.seed,
-                                      save_to=out / "observer.pt", progress=cfg.progress,
-                                      device=cfg.device)
-    obs_info["test_acc"] = test_accuracy(observer, test, mean, std)
-    print(f"observer ({obs_info['source']}): {obs_info['test_acc']:.2f}% test accuracy")
-
-    start = time.perf_counter()
-    images, labels, scores = distill_classes(root, classes, counts_all, observer, mean, std, rcfg,
-                                             factor, seed=cfg.seed, progress=cfg.progress, loaded=train)
-    soft = relabel(observer, images, factor, rcfg.relabel, rcfg.label_temperature, rcfg.batch_size)
-    distill_seconds = time.perf_counter() - start
-    metrics = {"distill_seconds": distill_seconds, "factor": factor, "observer": obs_info,
-               "mean_crop_ce": float(scores.mean())}
-    path = save_distilled(out / "distilled.pt", images, labels, 1, reader.classes, mean, std,
-                          config={"run": dataclasses.asdict(cfg)}, metrics=metrics,
-                          soft_labels=soft)
-
-    from dream_dist.data.base import denormalize
-
-    with SummaryWriter(str(out / "tb" / "distill")) as tb:
-        tb.add_image("rded/distilled", grid(denormalize(images, mean, std), nrow=rcfg.ipc),
-                     0, dataformats="HWC")
-        tb.add_scalar("rded/distill_seconds", distill_seconds, 0)
-        tb.add_scalar("rded/observer_test_acc", obs_info["test_acc"], 0)
-        for i, c in enumerate(classes):
-            tb.add_scalar("rded/mean_crop_ce", float(scores[i].mean()), c)
-
-    kcfg = cfg.kd if cfg.kd.patch_factor is not None else dataclasses.replace(cfg.kd, patch_factor=factor)
-    res = evaluate_kd(images, labels, observer, test, mean, std, kcfg, log_dir=out, name="rded",
-                      progress=cfg.progress)
-    rows = [{"method": "rded (KD)", "ipc": rcfg.ipc, **res.to_dict(), "published": None}]
-    if rcfg.baseline:
-        core = build_coreset("random", train, rcfg.ipc, seed=cfg.seed)
-        base = evaluate_kd(normalize(core.images, mean, std), core.labels, observer, test, mean,
-                           std, kcfg, log_dir=out, name="random_kd", progress=cfg.progress)
-        rows.append({"method": "random (KD)", "ipc": rcfg.ipc, **base.to_dict(), "published": None})
-    print_table(rows, f"{cfg.dataset.name}: RDED f={factor}; "
-                      f"KD eval {kcfg.model}, {kcfg.epochs} epochs x {kcfg.runs} runs, last epoch, "
-                      f"soft labels (not comparable with hard-label tables)",
-                timing=f"distill {distill_seconds:.0f} s")
-    summary: dict[str, Any] = {"dataset": cfg.dataset.name, "rded": dataclasses.asdict(rcfg),
-                               "factor": factor, "metrics": metrics, "rows": rows}
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"distilled set: {path} (grid {path.with_suffix('.png')})\n"
-          f"TensorBoard:   tensorboard --logdir {out / 'tb'}\nresults:       {out / 'results.json'}")
-    return summary
+@dataclass
+class RDEDPrep:
+    observer: nn.Module
+    observer_info: dict
+    factor: int
+    mean: list[float]
+    std: list[float]
 
 
-def run_train_observer(cfg) -> dict:
-    """task=train_observer: train (or load and check) the observer, save it, report accuracy."""
-    from dream_dist.evaluate import test_accuracy
-    from dream_dist.observer import get_observer
-    from dream_dist.run import load_packed_splits
+class RDEDMethod(Method):
+    """task=rded: observer -> per-class crop selection and stitching -> relabel -> KD evaluation."""
 
-    out = Path(cfg.out_dir)
-    train, test, mean, std = load_packed_splits(cfg)
-    net, info = get_observer(cfg.observer, train, mean, std, seed=cfg.seed,
-                             save_to=out / "observer.pt", progress=cfg.progress, device=cfg.device)
-    info["test_acc"] = test_accuracy(net, test, mean, std)
-    summary = {"dataset": cfg.dataset.name, "observer": dataclasses.asdict(cfg.observer), **info}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    print(f"observer {cfg.observer.model}: {info['test_acc']:.2f}% test accuracy "
-          f"({info['seconds']:.0f} s) -> {info.get('path', cfg.observer.path)}")
-    return summary
+    task = "rded"
+
+    def workers(self, cfg) -> int:
+        return cfg.rded.workers
+
+    def prepare(self, cfg, data, out: Path) -> RDEDPrep:
+        from dream_dist.evaluation.observer import get_observer
+        from dream_dist.evaluation.protocol import test_accuracy
+
+        rcfg = cfg.rded
+        factor = rcfg.resolved_factor(data.image_size)
+        rcfg.check_counts({c: data.counts_all[c] for c in data.classes}, factor)  # before any compute
+        # The train split is read only to train an observer; a given one needs the class names.
+        train = data.train() if cfg.observer.path is None else data.meta()
+        observer, info = get_observer(cfg.observer, train, data.mean, data.std, seed=cfg.seed,
+                                      save_to=out / "observer.pt", progress=cfg.progress, device=cfg.device)
+        info["test_acc"] = test_accuracy(observer, data.test(), data.mean, data.std)
+        print(f"observer ({info['source']}): {info['test_acc']:.2f}% test accuracy")
+        return RDEDPrep(observer, info, factor, data.mean, data.std)
+
+    def remote_prep(self, cfg, prep: RDEDPrep) -> RDEDPrep:
+        return dataclasses.replace(prep, observer=copy.deepcopy(prep.observer).cpu())  # tasks run on CPU workers
+
+    def distill_group(self, cfg, prep: RDEDPrep, classes, images_of, progress: bool = False) -> dict:
+        return {c: distill_class(images_of(c), c, prep.observer, prep.mean, prep.std, cfg.rded, prep.factor, cfg.seed)
+                for c in tqdm(classes, desc="rded classes", disable=None if progress else True)}
+
+    def assemble(self, cfg, prep: RDEDPrep, data, parts: dict, out: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        from dream_dist.data.base import denormalize
+        from dream_dist.viz import grid
+
+        rcfg, classes = cfg.rded, data.classes
+        images = torch.cat([parts[c][0] for c in classes])
+        labels = torch.tensor(classes).repeat_interleave(rcfg.ipc)
+        scores = torch.stack([parts[c][1] for c in classes])
+        soft = relabel(prep.observer, images, prep.factor, rcfg.relabel, rcfg.label_temperature, rcfg.batch_size)
+        with SummaryWriter(str(out / "tb" / "distill")) as tb:
+            tb.add_image("rded/distilled", grid(denormalize(images, prep.mean, prep.std), nrow=rcfg.ipc),
+                         0, dataformats="HWC")
+            tb.add_scalar("rded/observer_test_acc", prep.observer_info["test_acc"], 0)
+            for i, c in enumerate(classes):
+                tb.add_scalar("rded/mean_crop_ce", float(scores[i].mean()), c)
+        metrics = {"factor": prep.factor, "observer": prep.observer_info, "mean_crop_ce": float(scores.mean())}
+        return [SynthSet("rded", images, labels, rcfg.ipc, soft_labels=soft, label="rded (KD)")], metrics
+
+    def _kd(self, cfg, prep: RDEDPrep):
+        return cfg.kd if cfg.kd.patch_factor is not None else dataclasses.replace(cfg.kd, patch_factor=prep.factor)
+
+    def evaluator(self, cfg, prep: RDEDPrep, data):
+        from dream_dist.evaluation.kd import KDProtocol
+
+        return KDProtocol(self._kd(cfg, prep), prep.observer, data.test(), data.mean, data.std)
+
+    def baseline(self, cfg, prep: RDEDPrep, data) -> SynthSet | None:
+        if not cfg.rded.baseline:
+            return None
+        from dream_dist.methods.coreset import random_baseline
+
+        images, labels = random_baseline(data, cfg.rded.ipc, cfg.seed)
+        return SynthSet("random_kd", normalize(images, prep.mean, prep.std), labels, cfg.rded.ipc,
+                        label="random (KD)", save_as=None)
+
+    def title(self, cfg, prep: RDEDPrep, data, metrics: dict) -> str:
+        return f"{cfg.dataset.name}: RDED f={prep.factor}"
+
+    def summary(self, cfg, prep: RDEDPrep) -> dict:
+        return {"rded": dataclasses.asdict(cfg.rded), "factor": prep.factor}

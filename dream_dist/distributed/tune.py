@@ -13,7 +13,7 @@ synthetic set with a quick evaluation (distill.quick_eval_epochs epochs, one run
 the quick evaluation of the finished set.
 
 tune.workers_per_trial = 0 runs the trial's class shards inside the trial process; N >= 1 makes
-the trial a driver of `dream_dist.distributed.distill_on_ray` with N Ray Train workers.
+the trial a driver of `dream_dist.distributed.train.distill_on_ray` with N Ray Train workers.
 
 Writes into out_dir: tune_results.csv / tune_results.json (one row per trial), best.yaml (an
 experiment file for the best trial: `dream-dist experiment_file=<out_dir>/best.yaml`),
@@ -32,6 +32,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dream_dist.distributed import ensure_ray
+from dream_dist.errors import ConfigError
 
 SEARCHABLE = ("tau", "samples_per_cluster", "clusters", "lambda_grad", "lambda_feat")
 """Searched DistillConfig knobs besides lr_img (clusters is k; it sets batch_real = k x samples_per_cluster)."""
@@ -187,19 +190,14 @@ def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def check_combinations(cfg, extremes: dict, counts: list[int]) -> None:
+def check_combinations(cfg, method, extremes: dict, counts: list[int], samples_per_cluster: int) -> None:
     """Every combination of the choices (and range ends) must give a valid config for this
     dataset: a bad combination fails here, before any trial starts."""
-    from dream_dist.config import ConfigError
-    from dream_dist.distill.config import preset
-
     names = list(extremes)
-    spc = preset(cfg.distill.method, **dict(cfg.distill.overrides)).samples_per_cluster
     for combo in itertools.product(*(extremes[n] for n in names)):
         sampled = dict(zip(names, combo))
         try:
-            dcfg = preset(cfg.distill.method, **trial_overrides(cfg.distill.overrides, sampled, spc))
-            dcfg.resolved(cfg.dataset.name).check_data(counts)
+            method.check_overrides(cfg, trial_overrides(cfg.distill.overrides, sampled, samples_per_cluster), counts)
         except ValueError as e:
             raise ConfigError(f"tune: the sampled values {sampled} make an invalid run: {e}") from None
 
@@ -283,68 +281,66 @@ class _ReportHook:
             self.ack.get()
 
 
-def distill_trial(config: dict, base, tcfg: TuneConfig, out: str, total: int, spc: int) -> None:
+def distill_trial(config: dict, base, method, tcfg: TuneConfig, out: str, total: int, spc: int) -> None:
     """A Tune function trainable: one distillation, quick accuracy reported every report_every steps."""
     import torch
     from ray import tune
 
-    from dream_dist.distill.export import save_distilled
-    from dream_dist.distill.task import (
-        TensorBoardLogger,
-        make_distiller,
-        prepare,
-        quick_eval,
-    )
+    from dream_dist.artifact import save_distilled
+    from dream_dist.data.prepare import open_data
+    from dream_dist.evaluation.tensorboard import TensorBoardLogger, quick_eval
 
     trial_id = tune.get_context().get_trial_id()
     out = Path(out)
     trial_dir = out / "trials" / trial_id
     cfg = trial_config(base, trial_overrides(base.distill.overrides, config, spc), trial_dir, tcfg.report_every)
     torch.set_num_threads(max(1, int(tcfg.cpus_per_trial)))
-    p = prepare(cfg)
-    tb = TensorBoardLogger(out / "tb" / f"trial_{trial_id}", p.mean, p.std, cfg.distill.grid_every, p.dcfg.ipc)
+    data = open_data(cfg, method.memory_budget_mb(cfg))
+    p = method.prepare(cfg, data, trial_dir)
+    tb = TensorBoardLogger(out / "tb" / f"trial_{trial_id}", data.mean, data.std, cfg.distill.grid_every, p.dcfg.ipc)
     # This run is one HParams session: its sampled values; its eval/quick_acc is the metric.
     writer = tb.writer._get_file_writer()
     writer.add_summary(session_start(config))
 
-    def report(step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
-        acc = quick_eval(cfg, p, images, labels, p.dcfg.factor)
+    def report(step: int, images: torch.Tensor, labels: torch.Tensor, factor: int, ipc: int) -> None:
+        acc = quick_eval(cfg.eval, cfg.distill.quick_eval_epochs, data.test(), data.mean, data.std, images, labels,
+                         factor, cfg.dataset.name)
         tb.scalars(step, {TB_METRIC: acc})
         tb.grid(step, images)
         if step >= total:
             # Written before the last report: Tune may end the trial's process right after it.
-            save_distilled(trial_dir / "distilled.pt", images, labels, p.dcfg.factor, p.reader.classes,
-                           p.mean, p.std, config={"overrides": cfg.distill.overrides}, metrics={"quick_acc": acc})
+            save_distilled(trial_dir / "distilled.pt", images, labels, factor, data.names, data.mean, data.std,
+                           config={"overrides": cfg.distill.overrides}, metrics={"quick_acc": acc})
             writer.add_summary(session_end())
         tb.writer.flush()  # ASHA may stop the trial at this report: nothing may stay buffered
         tune.report({"quick_acc": acc, "step": step})
 
     if tcfg.workers_per_trial == 0:
-        d = make_distiller(cfg, p, None, log=tb.scalars)
+        d = method.stepper(cfg, p, data.classes, data.cache, data.counts_all, cfg.device, log=tb.scalars)
+        d.initialize()
         while d.global_step < total:
             d.run(until_step=min(total, (d.global_step // tcfg.report_every + 1) * tcfg.report_every))
-            report(d.global_step, *d.synthetic())
+            report(d.global_step, *d.synthetic(), d.cfg.factor, d.cfg.ipc)
     else:
-        _trial_on_workers(cfg, p, tcfg, trial_dir, out / "tb" / f"trial_{trial_id}", report)
+        _trial_on_workers(cfg, method, p, data, tcfg, trial_dir, out / "tb" / f"trial_{trial_id}", report)
     tb.close()
 
 
-def _trial_on_workers(cfg, p, tcfg: TuneConfig, trial_dir: Path, tb_dir: Path, report) -> None:
+def _trial_on_workers(cfg, method, p, data, tcfg: TuneConfig, trial_dir: Path, tb_dir: Path, report) -> None:
     """The trial as a driver: distill_on_ray in a thread, each checkpoint quick-evaluated here."""
     import queue
 
-    import torch
     from ray.util.queue import Queue
 
-    from dream_dist.distributed import _load_merged, distill_on_ray, merged_synthetic
+    from dream_dist.distributed.train import distill_on_ray, merged_sets
 
     ready, ack = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
     failure: list[Exception] = []
 
     def fit() -> None:
         try:
-            distill_on_ray(cfg, tcfg.workers_per_trial, storage=trial_dir / "ray",
-                           after_report=_ReportHook(ready, ack), log_dir=tb_dir)
+            distill_on_ray(cfg, method, tcfg.workers_per_trial, storage=trial_dir / "ray",
+                           after_report=_ReportHook(ready, ack), log_dir=tb_dir, prep=p, data=data)
         except Exception as e:  # noqa: BLE001 -- any failure is re-raised in the trial's main thread
             failure.append(e)
 
@@ -357,8 +353,8 @@ def _trial_on_workers(cfg, p, tcfg: TuneConfig, trial_dir: Path, tb_dir: Path, r
             if not thread.is_alive():
                 break
             continue
-        images, labels = merged_synthetic(_load_merged(path), p.dcfg, p.mean, p.std)
-        report(step, images, labels)
+        s = merged_sets(path, cfg, method, p, data)[0]
+        report(step, s.images, s.labels, s.factor, s.ipc)
         ack.put(True)  # after the report: a trial ASHA stops ends here, its workers with it
     thread.join()
     if failure:
@@ -394,17 +390,15 @@ def concurrency(tcfg: TuneConfig) -> int | None:
     return max(1, int(cpus // (tcfg.cpus_per_trial + tcfg.workers_per_trial)))
 
 
-def run_tune(cfg) -> dict:
-    """Run the sweep of cfg.tune over cfg's distillation; write the table, best.yaml and plots."""
+def run_tune(cfg, method) -> dict:
+    """Run the sweep of cfg.tune over cfg's distillation with the sharded `method` (the pipeline
+    hands it in); write the table, best.yaml and plots."""
     import ray  # noqa: F401  (fail early when Ray is missing)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from dream_dist.config import ConfigError
-    from dream_dist.distill.task import prepare
-    from dream_dist.distributed import ensure_ray
-    from dream_dist.run import ensure_packed
+    from dream_dist.data.prepare import ensure_packed, open_data
 
     tcfg = cfg.tune
     out = Path(cfg.out_dir).resolve()
@@ -416,7 +410,8 @@ def run_tune(cfg) -> dict:
     packed = ensure_packed(cfg).resolve()
     base = dataclasses.replace(cfg, out_dir=str(out), progress=False,
                                dataset=dataclasses.replace(cfg.dataset, packed=str(packed)))
-    p = prepare(base)  # the base run is valid for this dataset, before any compute
+    data = open_data(base, method.memory_budget_mb(base))
+    p = method.prepare(base, data, out)  # the base run is valid for this dataset, before any compute
     total = p.dcfg.iterations * p.dcfg.inner_steps
     max_t = tcfg.max_t or total
     if max_t > total:
@@ -427,7 +422,7 @@ def run_tune(cfg) -> dict:
     space, extremes, specs = search_space(tcfg, p.dcfg.ipc)
     if not space:
         raise ConfigError("tune: nothing to search (every search entry is null)")
-    check_combinations(base, extremes, [p.counts_all[c] for c in p.classes])
+    check_combinations(base, method, extremes, [data.counts_all[c] for c in data.classes], p.dcfg.samples_per_cluster)
     if "lr_img" not in space and tcfg.lr_img:
         print(f"tune: no lr_img choices for IPC {p.dcfg.ipc} (given for {sorted(tcfg.lr_img)}); lr_img not searched")
 
@@ -441,7 +436,7 @@ def run_tune(cfg) -> dict:
 
     ensure_ray()
     trainable = tune.with_resources(
-        tune.with_parameters(distill_trial, base=base, tcfg=tcfg, out=str(out), total=total,
+        tune.with_parameters(distill_trial, base=base, method=method, tcfg=tcfg, out=str(out), total=total,
                              spc=p.dcfg.samples_per_cluster),
         resources(tcfg))
     mode = METRICS[tcfg.metric]

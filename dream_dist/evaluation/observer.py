@@ -4,7 +4,7 @@ relabels with, and distils into students by KD; DDOQ uses it for soft labels too
     dream-dist task=train_observer                           # digits -> outputs/train_observer/digits/observer.pt
     dream-dist task=train_observer dataset=mnist observer.epochs=2 observer.width=64
 
-    from dream_dist.observer import load_observer, soft_labels
+    from dream_dist.evaluation.observer import load_observer, soft_labels
     net = load_observer("observer.pt", classes=train.classes)        # refuses a class-order mismatch
     probs = soft_labels(net, normalize(images, mean, std), temperature=1.0)   # (N, K), rows sum to 1
 
@@ -101,7 +101,7 @@ def train_observer(train: ImageSet, mean, std, cfg: ObserverConfig, seed: int = 
     The same trainer as the coreset feature network (SGD, momentum 0.9, wd 5e-4, no
     augmentation, optional class-balanced subsample), with the observer's own settings.
     """
-    from dream_dist.coreset import train_feature_net
+    from dream_dist.training import train_feature_net
 
     if len(train) == 0:
         raise ValueError("cannot train an observer on an empty train set")
@@ -115,7 +115,7 @@ def save_observer(path: str | Path, model: nn.Module, classes: Sequence[str], *,
                   width: int | None, channels: int, image_size: int, mean, std,
                   metrics: Mapping[str, Any] | None = None) -> Path:
     """Write the checkpoint dict (see the module docstring) atomically; returns its path."""
-    from dream_dist.distill.engine import atomic_save
+    from dream_dist.artifact import atomic_save
 
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; known: {', '.join(sorted(MODELS))}")

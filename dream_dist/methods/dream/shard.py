@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from dream_dist import kmeans
 from dream_dist.augment import DSA, CutMixDraw
-from dream_dist.coreset import extract_features
+from dream_dist.training import extract_features
 from dream_dist.data.base import normalize
-from dream_dist.distill.config import DistillConfig
-from dream_dist.distill.matching import match_loss
+from dream_dist.methods.dream.config import DistillConfig
+from dream_dist.methods.dream.matching import match_loss
 from dream_dist.errors import DataError
 from dream_dist.formation import decode, tile
 from dream_dist.seeding import (CLUSTER, DSA_DRAW, NET_AUG, NET_BATCH, POOL, REAL_BATCH,

@@ -1,20 +1,21 @@
-"""Class shards on Ray Train workers: the distributed layer of dream_dist.
+"""Sharded methods on Ray Train workers: one class shard per worker.
 
-    from dream_dist.distributed import distill_on_ray
-    images, labels, result = distill_on_ray(run_cfg, num_workers=2)
+    from dream_dist.distributed.train import distill_on_ray
+    from dream_dist.methods import METHODS
+    images, labels, result = distill_on_ray(run_cfg, METHODS["distill"], num_workers=2)
 
-Each Ray Train worker owns one class shard (classes balanced by image count), reads only
-its classes' packed shards through a `ClassCache` within its memory budget, and runs the
-same `Distiller` loop as a single process. The network's updates are data-parallel: the
-float64 per-class gradient sums are all-reduced with torch.distributed (gloo on CPU, NCCL
-on GPU; the process group is set up by Ray Train's TorchTrainer). Nothing here knows a
-concrete model or method: it drives the engine through `Distiller`/`ClassShard` only.
+Each Ray Train worker owns one class shard (classes balanced by image count), reads only its
+classes' packed shards through a `ClassCache` within its memory budget, and runs the method's
+`stepper` (for DREAM+/IDC/DC/DSA/DM, the same `Distiller` loop as a single process). The
+network's updates are data-parallel: the float64 per-class gradient sums are all-reduced with
+torch.distributed (gloo on CPU, NCCL on GPU; the process group is set up by Ray Train's
+TorchTrainer). Nothing here knows a concrete method: the pipeline hands the method object in.
 
-Checkpoints go through `ray.train.report` every `distill.checkpoint_every` steps: each
-worker writes its own classes (rank<r>.pt) into the same checkpoint directory, and a
-restarted worker group (Ray's FailureConfig) merges them, so any worker count can resume.
+Checkpoints go through `ray.train.report` every `distill.checkpoint_every` steps: each worker
+writes its own classes (rank<r>.pt) into the same checkpoint directory, and a restarted worker
+group (Ray's FailureConfig) merges them, so any worker count can resume.
 
-From the CLI: `dream-dist distill.workers=2` (dream_dist.distill.task dispatches here).
+From the CLI: `dream-dist distill.workers=2` (the pipeline dispatches here).
 """
 from __future__ import annotations
 
@@ -26,30 +27,22 @@ from pathlib import Path
 
 import torch
 
+from dream_dist.distributed import ensure_ray
 from dream_dist.errors import CheckpointError, ConfigError
 
 
-def _load_merged(ckpt_dir: str) -> dict:
-    """Merge the per-rank checkpoint files into one Distiller state."""
+def _load_merged(ckpt_dir: str, load=None) -> dict:
+    """Merge the per-rank checkpoint files into one state (every class)."""
     files = sorted(Path(ckpt_dir).glob("rank*.pt"))
     if not files:
         raise CheckpointError(f"checkpoint {ckpt_dir} holds no rank*.pt files")
-    from dream_dist.distill.engine import load_checkpoint
+    if load is None:
+        from dream_dist.artifact import load_plain as load
 
-    states = [load_checkpoint(f) for f in files]  # weights_only: a planted pickle never runs
+    states = [load(f) for f in files]  # weights_only: a planted pickle never runs
     merged = dict(states[0])
     merged["classes"] = {c: s for st in states for c, s in st["classes"].items()}
     return merged
-
-
-def merged_synthetic(state: dict, dcfg, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalised stored images, labels) of a merged checkpoint, sorted by class. Pixel-space
-    images (IDC base) are normalised here, as ClassShard.synthetic does in process."""
-    order = sorted(state["classes"])
-    images = torch.cat([state["classes"][c]["syn"] for c in order])
-    if dcfg.pixel_space:
-        images = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    return images, torch.tensor(order).repeat_interleave(dcfg.ipc)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -57,11 +50,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from dream_dist.data.prepare import balance_classes
     from dream_dist.data.shards import ClassCache, PackedReader
-    from dream_dist.distill.engine import Distiller, balance_classes
-    from dream_dist.distill.shard import ClassShard
 
-    cfg, dcfg, root = config["cfg"], config["dcfg"], config["packed"]
+    cfg, method, prep, root = config["cfg"], config["method"], config["prep"], config["packed"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config.get("threads_per_worker", 1))
@@ -74,12 +66,8 @@ def train_loop_per_worker(config: dict) -> None:
     reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
     counts_all = reader.index["counts"]
     classes = cfg.dataset.classes or list(range(len(counts_all)))
-    counts = [counts_all[c] if c in classes else 0 for c in range(len(counts_all))]
     mine = balance_classes(counts_all, world, classes)[rank]
-    cache = ClassCache(reader, cfg.distill.memory_budget_mb * 2**20)
-    mean, std = reader.mean_std
-    shard = ClassShard(mine, cache, dcfg, mean, std, len(counts_all), seed=cfg.seed, device=device,
-                       counts=counts_all)
+    cache = ClassCache(reader, config["budget_mb"] * 2**20)
 
     comm = {"bytes": 0, "seconds": 0.0, "calls": 0}
 
@@ -102,18 +90,17 @@ def train_loop_per_worker(config: dict) -> None:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, step)
 
-    d = Distiller(dcfg, [shard], counts, reader.index["channels"], reader.index["image_size"],
-                  seed=cfg.seed, device=device, allreduce=allreduce, log=log,
-                  progress=cfg.progress and rank == 0)
+    d = method.stepper(cfg, prep, mine, cache, counts_all, device, allreduce=allreduce, log=log,
+                       progress=cfg.progress and rank == 0)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as ckpt_dir:
-            d.load_state_dict(_load_merged(ckpt_dir))
+            d.load_state_dict(_load_merged(ckpt_dir, d.load_checkpoint))
     else:
         d.initialize()
     resumed_from = d.global_step  # 0 for a fresh start; the checkpoint's step after a restart
 
-    total = dcfg.iterations * dcfg.inner_steps
+    total = d.total_steps
     every = cfg.distill.checkpoint_every
     while d.global_step < total:
         d.run(until_step=min(total, (d.global_step // every + 1) * every))
@@ -122,6 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
             last = d.history[-1] if d.history else {}
             ray.train.report({"step": d.global_step, "loss": last.get("loss/total", 0.0),
                               "classes": len(mine), "opened_shards": len(reader.opened),
+                              "bytes_read": getattr(reader, "bytes_read", 0),
                               "resumed_from": resumed_from, "distill_seconds": d.timing["distill"],
                               "startup_seconds": d.timing["startup"],
                               # ru_maxrss is in KiB on Linux: the worker process's peak memory.
@@ -136,50 +124,41 @@ def train_loop_per_worker(config: dict) -> None:
         writer.close()
 
 
-def ensure_ray() -> None:
-    """Join the running Ray cluster, else start Ray on this machine; nothing when Ray is up.
-
-    Plain `ray.init()` joins the cluster of RAY_ADDRESS or of `ray start` on this node (what
-    `ray submit` and `ray job submit` give) and starts a local Ray otherwise. We do not pass
-    address="auto": it fails when there is no cluster, and on a shared machine it can attach
-    to any Ray process it finds (someone else's test instance).
-    """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
-
-
-def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | Path | None = None,
-                   after_report=None, log_dir: str | Path | None = None, packed: str | Path | None = None):
-    """Distil cfg's dataset on `num_workers` Ray Train workers (one class shard each).
+def distill_on_ray(cfg, method, num_workers: int, max_failures: int = 0, storage: str | Path | None = None,
+                   after_report=None, log_dir: str | Path | None = None, packed: str | Path | None = None,
+                   prep=None, data=None):
+    """Distil cfg's dataset with the sharded `method` on `num_workers` Ray Train workers.
 
     Joins the running cluster when there is one (RAY_ADDRESS or `ray start` on this node),
     else starts Ray locally.
     max_failures: worker-group restarts from the last checkpoint (Ray's FailureConfig).
     after_report(rank, step): called in each worker after each checkpoint report (fault drills).
     log_dir: rank 0 writes the per-step scalars there (TensorBoard).
-    packed: the packed shards when the caller has them already (else packed / checked here).
-    Returns (stored images, labels, ray.train.Result).
+    packed / prep / data: what the caller has already (else opened and prepared here).
+    Returns (stored images, labels, ray.train.Result) of the method's first set.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from dream_dist.distill.task import resolve
-    from dream_dist.run import ensure_packed
+    from dream_dist.data.prepare import open_data
 
-    from dream_dist.data.shards import PackedReader
+    if data is None:
+        import dataclasses
 
-    root = packed if packed is not None else ensure_packed(cfg)
-    reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
-    dcfg = resolve(cfg, reader.index["image_size"])
+        if packed is not None:
+            cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, packed=str(packed)))
+        data = open_data(cfg, method.memory_budget_mb(cfg))
+    if prep is None:
+        prep = method.prepare(cfg, data, Path(cfg.out_dir))
     ensure_ray()
     storage = Path(storage or Path(cfg.out_dir) / "ray").resolve()
     use_gpu = cfg.device.startswith("cuda")
+    budget = method.memory_budget_mb(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "dcfg": dcfg, "packed": str(Path(root).resolve()),
-                           "after_report": after_report,
+        train_loop_config={"cfg": cfg, "method": method, "prep": method.remote_prep(cfg, prep),
+                           "packed": str(Path(data.root).resolve()), "after_report": after_report,
+                           "budget_mb": budget if budget is not None else cfg.distill.memory_budget_mb,
                            "log_dir": str(Path(log_dir).resolve()) if log_dir else None,
                            "threads_per_worker": cfg.threads or 1},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
@@ -189,7 +168,26 @@ def distill_on_ray(cfg, num_workers: int, max_failures: int = 0, storage: str | 
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as ckpt_dir:
-        state = _load_merged(ckpt_dir)
-    images, labels = merged_synthetic(state, dcfg, *reader.mean_std)
-    return images, labels, result
+    sets = merged_sets(result.checkpoint, cfg, method, prep, data)
+    return sets[0].images, sets[0].labels, result
+
+
+def merged_sets(checkpoint, cfg, method, prep, data):
+    """The method's sets from a Ray checkpoint (a ray.train.Checkpoint or its directory)."""
+    if isinstance(checkpoint, (str, Path)):
+        state = _load_merged(str(checkpoint), method.load_checkpoint)
+    else:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = _load_merged(ckpt_dir, method.load_checkpoint)
+    return method.sets_from_state(cfg, prep, state, data.mean, data.std)
+
+
+def run_sharded(cfg, method, prep, data, out: Path, workers: int):
+    """The pipeline's Ray path for a sharded method -> (sets, metrics)."""
+    start = time.perf_counter()
+    _, _, result = distill_on_ray(cfg, method, workers, max_failures=cfg.distill.max_failures,
+                                  storage=out / "ray", log_dir=out / "tb" / "distill", prep=prep, data=data)
+    sets = merged_sets(result.checkpoint, cfg, method, prep, data)
+    metrics = {"distill_seconds": time.perf_counter() - start, "startup_seconds": 0.0,
+               "steps": result.metrics["step"], "peak_rss_mb_rank0": result.metrics.get("peak_rss_mb")}
+    return sets, metrics

@@ -1,0 +1,213 @@
+"""From a configured dataset to readable data: pack freshness, then the opened splits.
+
+    from dream_dist.data.prepare import ensure_packed, open_data
+    root = ensure_packed(cfg)        # packs cfg.dataset into cfg.pack.out unless an up-to-date copy is there
+    data = open_data(cfg)            # readers, counts, statistics, the test split; train read on demand
+
+Every task starts here. `open_data` never loads the training split: a method that needs it
+whole asks for `data.train()`; class-sharded and per-class methods read their classes only.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dream_dist.data import default_root
+from dream_dist.data.base import ImageSet
+from dream_dist.errors import ConfigError
+
+
+def source_fingerprint(name: str, root: str | None) -> str | None:
+    """A cheap identity of a file-based source: its files' paths, sizes and mtimes (no pixel
+    read). None for sources without a directory (digits), which are checksummed instead."""
+    import hashlib
+
+    from dream_dist.data import default_root
+
+    path = Path(root) if root is not None else default_root(name)
+    if path is None or not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return f"{name}:{h.hexdigest()}"
+
+
+def ensure_packed(cfg) -> Path:
+    """Packed shards of cfg.dataset: the given `dataset.packed`, or packed now into pack.out.
+
+    A packed copy is reused when its index records the same source: the same file
+    fingerprint (paths, sizes, mtimes: no image is read, which matters for big datasets), or
+    else the same pixel checksum."""
+    from dream_dist.data import load_dataset
+    from dream_dist.data.shards import checksum, index_path, pack
+    from dream_dist.data.stream import FILE_SOURCES
+
+    if cfg.dataset.packed is not None:
+        return Path(cfg.dataset.packed)
+    if cfg.dataset.name in FILE_SOURCES:
+        return _ensure_packed_files(cfg)
+    out = Path(cfg.pack.out)
+    fp = source_fingerprint(cfg.dataset.name, cfg.dataset.root)
+    idx = {s: index_path(out, s) for s in ("train", "test")}
+    if fp is not None and all(p.exists() and json.loads(p.read_text()).get("source_fingerprint") == fp
+                              for p in idx.values()):
+        return out
+    # Image-file sources can leave out undecodable files (dataset.on_corrupt=skip).
+    opts = {"on_corrupt": cfg.dataset.on_corrupt} if cfg.dataset.name in ("imagefolder", "tinyimagenet") else {}
+    train = load_dataset(cfg.dataset.name, "train", root=cfg.dataset.root, **opts)
+    test = load_dataset(cfg.dataset.name, "test", root=cfg.dataset.root, **opts)
+    stats = train.mean_std()
+    for split, data in (("train", train), ("test", test)):
+        p = idx[split]
+        if not (p.exists() and json.loads(p.read_text()).get("source_checksum") == checksum(data)):
+            pack(data, out, split, source=cfg.dataset.name, encoding=cfg.pack.encoding,
+                 max_per_shard=cfg.pack.max_per_shard, mean_std=stats, progress=cfg.progress)
+        if fp is not None:
+            index = json.loads(p.read_text())
+            index["source_fingerprint"] = fp
+            tmp = p.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(index, indent=2))
+            tmp.replace(p)  # atomic: a reader never sees half an index
+    return out
+
+
+def _ensure_packed_files(cfg) -> Path:
+    """Image-file sources: streamed class by class (bounded memory, resumable, optionally on
+    Ray tasks); a split is reused when its index records the same files and resize."""
+    from dream_dist.data.shards import index_path
+    from dream_dist.data.stream import FILE_SOURCES, pack_files
+
+    name, p = cfg.dataset.name, cfg.pack
+    root = cfg.dataset.root if cfg.dataset.root is not None else default_root(name)
+    if root is None:
+        raise ConfigError(f"dataset.root: dataset {name!r} needs dataset.root=<directory>")
+    out = Path(p.out)
+    want = {"size": p.size, "mode": p.resize if p.size is not None else None}
+    mean_std = None
+    for split in ("train", "test"):
+        src = FILE_SOURCES[name](root, split)
+        idx = index_path(out, split)
+        index = json.loads(idx.read_text()) if idx.exists() else {}
+        if not (index.get("source_fingerprint") == src.fingerprint() and index.get("resize") == want
+                and index.get("encoding") == p.encoding):
+            index = pack_files(src, out, split, size=p.size, resize=p.resize, encoding=p.encoding,
+                               max_per_shard=p.max_per_shard, mean_std=mean_std, workers=p.workers,
+                               progress=cfg.progress, on_corrupt=cfg.dataset.on_corrupt)
+        mean_std = (index["mean"], index["std"])  # the test split records the train statistics
+    return out
+
+
+def load_packed_splits(cfg):
+    """(train, test, mean, std) read from the packed shards."""
+    from dream_dist.data.shards import PackedReader
+
+    root = ensure_packed(cfg)
+    train_r = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
+    test_r = PackedReader(root, "test", on_corrupt=cfg.dataset.on_corrupt)
+    train = train_r.load_classes(cfg.dataset.classes)
+    test = test_r.load_classes(cfg.dataset.classes)
+    mean, std = train_r.mean_std
+    return train, test, mean, std
+
+
+def balance_classes(counts: list[int], k: int, classes: list[int] | None = None) -> list[list[int]]:
+    """Split classes into k shards of near-equal image counts (largest first, each to the
+    lightest shard so far). Each shard's classes are returned sorted."""
+    classes = list(range(len(counts))) if classes is None else list(classes)
+    if not 1 <= k <= len(classes):
+        raise ValueError(f"cannot split {len(classes)} classes into {k} shards")
+    shards: list[list[int]] = [[] for _ in range(k)]
+    load = [0] * k
+    for c in sorted(classes, key=lambda c: (-counts[c], c)):
+        j = min(range(k), key=lambda i: (load[i], i))
+        shards[j].append(c)
+        load[j] += counts[c]
+    return [sorted(s) for s in shards]
+
+
+@dataclass
+class OpenedData:
+    """A packed dataset opened for a run: what every method reads, nothing loaded wholesale."""
+
+    root: Path
+    """The packed directory (absolute)."""
+    reader: object
+    """PackedReader of the train split."""
+    test_reader: object
+    classes: list[int]
+    """The run's class ids (dataset.classes, else all)."""
+    counts_all: list[int]
+    """Images per class of ALL classes of the index."""
+    mean: list[float]
+    std: list[float]
+    cache: object
+    """ClassCache over `reader` within the memory budget."""
+    selected: list[int] | None = None
+    """dataset.classes as given (None = all), what load_classes takes."""
+    _train: ImageSet | None = field(default=None, repr=False)
+    _test: ImageSet | None = field(default=None, repr=False)
+
+    @property
+    def counts(self) -> list[int]:
+        """Per-class counts with unselected classes at 0."""
+        return [n if c in self.classes else 0 for c, n in enumerate(self.counts_all)]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.reader.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.reader.index["image_size"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.reader.index["channels"])
+
+    def meta(self):
+        """What describes the train split without reading it: classes, channels, size."""
+        from types import SimpleNamespace
+
+        return SimpleNamespace(classes=self.names, channels=self.channels, size=self.image_size,
+                               num_classes=len(self.names))
+
+    def test(self) -> ImageSet:
+        """The test split of the run's classes (read once)."""
+        if self._test is None:
+            self._test = self.test_reader.load_classes(self.selected)
+        return self._test
+
+    def train(self) -> ImageSet:
+        """The whole train split of the run's classes, read once: only for methods that train
+        on it (feature nets, autoencoders, observers), never for the driver of a sharded run."""
+        if self._train is None:
+            self._train = self.reader.load_classes(self.selected)
+        return self._train
+
+    def class_images(self, c: int) -> torch.Tensor:
+        """uint8 images of class `c`: from the loaded train split when it is in memory, else
+        through the class cache."""
+        if self._train is not None:
+            return self._train.images[self._train.labels == c]
+        return self.cache.get(c)
+
+
+def open_data(cfg, memory_budget_mb: float | None = None) -> OpenedData:
+    """Pack (or reuse) cfg.dataset and open it; `memory_budget_mb` bounds the class cache
+    (default distill.memory_budget_mb)."""
+    from dream_dist.data.shards import ClassCache, PackedReader
+
+    root = ensure_packed(cfg).resolve()
+    reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
+    test_reader = PackedReader(root, "test", on_corrupt=cfg.dataset.on_corrupt)
+    classes = list(cfg.dataset.classes or range(len(reader.classes)))
+    budget = memory_budget_mb if memory_budget_mb is not None else cfg.distill.memory_budget_mb
+    mean, std = reader.mean_std
+    return OpenedData(root, reader, test_reader, classes, list(reader.index["counts"]), list(mean), list(std),
+                      ClassCache(reader, budget * 2**20), cfg.dataset.classes)

@@ -1,0 +1,227 @@
+"""The run as a whole: its typed config (every section), the task table, and composing a
+config from conf/ with Hydra overrides.
+
+    from dream_dist.tasks import compose, run, main
+    cfg = compose(["dataset=mnist", "experiment=mnist_cpu"])     # a validated RunConfig
+    summary = run(cfg)                                            # what results.json holds
+    summary = main(["task=rded", "experiment=rded_digits"])       # both in one call
+
+The methods' tasks go through the one pipeline (dream_dist.pipeline.run_method); pack,
+train_observer, evaluate and tune are the other tasks. dream_dist.run is the command line
+on top of this module.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dream_dist.config import ConfigError, DataConfig, PackConfig, build
+from dream_dist.distributed.tune import TuneConfig
+from dream_dist.evaluation.kd import KDConfig
+from dream_dist.evaluation.observer import ObserverConfig
+from dream_dist.evaluation.protocol import EvalConfig
+from dream_dist.evaluation.sources import EvaluateConfig
+from dream_dist.methods import METHODS
+from dream_dist.methods.coreset import CoresetConfig
+from dream_dist.methods.ddoq import DDOQConfig
+from dream_dist.methods.dream.config import DistillRunConfig
+from dream_dist.methods.rded import RDEDConfig
+
+
+@dataclass
+class RunConfig:
+    task: str = "distill"
+    """What to run: distill, coreset, rded, ddoq (methods), pack, train_observer, evaluate, tune."""
+    seed: int = 0
+    """Seed of everything random in the run."""
+    out_dir: str | None = None
+    """Run directory (results JSON, TensorBoard logs in tb/, images); None = outputs/<task>/<dataset.name>."""
+    device: str = "cpu"
+    """torch device for the compute (cpu, cuda, cuda:1 ...)."""
+    threads: int | None = None
+    """torch intra-op threads (None = torch's default)."""
+    progress: bool = True
+    """Show progress bars."""
+    dataset: DataConfig = field(default_factory=DataConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    coreset: CoresetConfig = field(default_factory=CoresetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillRunConfig = field(default_factory=DistillRunConfig)
+    ddoq: DDOQConfig = field(default_factory=DDOQConfig)
+    observer: ObserverConfig = field(default_factory=ObserverConfig)
+    rded: RDEDConfig = field(default_factory=RDEDConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """task=evaluate: which distilled set, which protocol and architectures."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """task=tune: the Ray Tune sweep (search space, ASHA, resources per trial)."""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task: unknown {self.task!r}; known: {', '.join(TASKS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads must be >= 1")
+        # In-process compute on an absent GPU is an error, not a silent CPU fallback. Ray runs
+        # are exempt: their driver may be a CPU head node whose workers hold the GPUs.
+        on_ray = self.task == "tune" or (self.task in METHODS and METHODS[self.task].workers(self) > 0)
+        for key, device in (("device", self.device), ("eval.device", self.eval.device), ("kd.device", self.kd.device)):
+            if str(device).startswith("cuda") and not on_ray:
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise ConfigError(f"{key}: {device!r} requested but CUDA is not available here "
+                                      f"(torch {torch.__version__}); use device=cpu or a CUDA machine")
+        if self.out_dir is None:
+            self.out_dir = f"outputs/{self.task}/{self.dataset.name}"
+        if self.pack.out is None:
+            self.pack.out = f"outputs/packed/{self.dataset.name}"
+
+
+
+
+# ---------------------------------------------------------------------------- tasks
+
+
+def run_pack(cfg) -> dict:
+    """task=pack: the class-grouped shards of cfg.dataset, packed or found up to date."""
+    from dream_dist.data.prepare import ensure_packed
+
+    out = ensure_packed(cfg)
+    info = {s: json.loads((out / f"index-{s}.json").read_text()) for s in ("train", "test")}
+    for s, idx in info.items():
+        print(f"{s}: {sum(idx['counts'])} images, {idx['num_classes']} classes, "
+              f"{sum(len(v) for v in idx['shards'].values())} shards -> {out}/index-{s}.json")
+    return {"packed": str(out)}
+
+
+def run_train_observer(cfg) -> dict:
+    """task=train_observer: train (or load and check) the observer, save it, report accuracy."""
+    import dataclasses
+
+    from dream_dist.data.prepare import open_data
+    from dream_dist.evaluation.observer import get_observer
+    from dream_dist.evaluation.protocol import test_accuracy
+
+    out = Path(cfg.out_dir)
+    data = open_data(cfg)
+    net, info = get_observer(cfg.observer, data.train() if cfg.observer.path is None else data.meta(), data.mean,
+                             data.std, seed=cfg.seed, save_to=out / "observer.pt", progress=cfg.progress,
+                             device=cfg.device)
+    info["test_acc"] = test_accuracy(net, data.test(), data.mean, data.std)
+    summary = {"dataset": cfg.dataset.name, "observer": dataclasses.asdict(cfg.observer), **info}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    print(f"observer {cfg.observer.model}: {info['test_acc']:.2f}% test accuracy "
+          f"({info['seconds']:.0f} s) -> {info.get('path', cfg.observer.path)}")
+    return summary
+
+
+def run_evaluate(cfg) -> dict:
+    from dream_dist.pipeline import evaluate_set
+
+    return evaluate_set(cfg)
+
+
+def run_tune(cfg) -> dict:
+    from dream_dist.distributed.tune import run_tune as tune
+
+    return tune(cfg, METHODS["distill"])
+
+
+def _method_task(name: str):
+    def task(cfg) -> dict:
+        from dream_dist.pipeline import run_method
+
+        return run_method(cfg, METHODS[name])
+
+    task.__name__ = f"run_{name}"
+    return task
+
+
+TASKS = {**{name: _method_task(name) for name in METHODS}, "pack": run_pack, "train_observer": run_train_observer,
+         "evaluate": run_evaluate, "tune": run_tune}
+
+
+def run(cfg) -> dict:
+    """Run one validated RunConfig: threads and seed set, out_dir made, the task's summary returned."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = TASKS[cfg.task](cfg)
+    print(f"[{cfg.task}] done in {time.perf_counter() - start:.0f} s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Programmatic entry: compose the overrides in `argv`, validate, run, return the task's
+    summary. Errors are raised (DreamDistError for a user's mistake); dream_dist.run.cli is the
+    command."""
+    return run(compose(sys.argv[1:] if argv is None else argv))
+
+
+# ---------------------------------------------------------------------------- composing
+
+
+def conf_dir() -> Path:
+    """conf/ of the checkout when run from one, else the copy installed as dream_dist.conf."""
+    here = Path(__file__).resolve().parent
+    repo_conf = here.parent / "conf"
+    if (repo_conf / "config.yaml").exists():
+        return repo_conf
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("dream_dist.conf")))
+
+
+def compose(overrides: list[str] | None = None):
+    """Compose conf/config.yaml with `overrides` into a validated RunConfig.
+
+    `experiment_file=PATH` uses the experiment YAML at PATH (e.g. a sweep's best.yaml) in place
+    of conf/experiment/<name>.yaml; the other overrides still apply on top of it.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    overrides = _argv_overrides(list(overrides or []))
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return build(RunConfig, OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+
+
+def _experiment_file(overrides: list[str]) -> list[str]:
+    """Turn `experiment_file=PATH` into `experiment=<PATH registered in Hydra's ConfigStore>`."""
+    files = [o for o in overrides if o.startswith("experiment_file=")]
+    if not files:
+        return overrides
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    if len(files) > 1 or any(o.lstrip("+~").startswith("experiment=") for o in overrides):
+        raise ConfigError("experiment_file: give one experiment_file=PATH and no experiment=NAME")
+    path = Path(files[0].split("=", 1)[1]).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"experiment_file: no such file {str(path)!r}")
+    # A ConfigStore entry is an option of the experiment group like the files in conf/experiment,
+    # so Hydra merges it at the same place (its own `defaults:` list included).
+    ConfigStore.instance().store(group="experiment", name="_experiment_file", node=OmegaConf.load(path),
+                                 package="_global_")
+    return [o if o not in files else "experiment=_experiment_file" for o in overrides]
+
+
+def _argv_overrides(argv: list[str]) -> list[str]:
+    """Rewrite what plain Hydra would refuse or cannot express:
+    - `distill.overrides.KEY=V` -> `++distill.overrides.KEY=V` (an open dict: no `+` needed);
+    - `experiment_file=PATH` -> an experiment registered in Hydra's ConfigStore (see compose)."""
+    out = []
+    for a in argv:
+        if a.startswith("distill.overrides.") and "=" in a:
+            a = "++" + a
+        out.append(a)
+    return _experiment_file(out)
