@@ -83,6 +83,7 @@ class RaySampler(threading.Thread):
 def pack_one(args) -> None:
     """One row, in this (fresh) process: prints a JSON line."""
     from dream_dist.data.stream import FileSource, imagefolder_source, pack_files
+    from dream_dist.distributed.tasks import ray_mapper
 
     full = imagefolder_source(args.root, "train")
     src = FileSource("stress", full.classes[: args.n], full.files[: args.n])
@@ -104,7 +105,8 @@ def pack_one(args) -> None:
             sampler = RaySampler()
             sampler.start()
             t0 = time.perf_counter()  # Ray's start-up is not packing
-        pack_files(src, out, "train", size=SIZE, workers=args.workers if args.workers > 1 else 0, progress=False)
+        pack_files(src, out, "train", size=SIZE, progress=False,
+                   mapper=ray_mapper(args.workers) if args.workers > 1 else None)
     wall = time.perf_counter() - t0
     if sampler is not None:
         sampler.stop = True

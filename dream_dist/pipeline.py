@@ -34,6 +34,23 @@ def print_table(rows: list[dict], title: str, timing: str = "") -> None:
     print(f"time: {timing + '; ' if timing else ''}evaluation {times}\n")
 
 
+def is_subset(cfg, data) -> str:
+    """A marker for the title when the data is a subset of the dataset the published numbers
+    belong to (the 100-per-class TinyImageNet subset): no published figure is shown then."""
+    if cfg.dataset.name == "tinyimagenet" and min(data.counts_all[c] for c in data.classes) < 500:
+        return " [subset: fewer than TinyImageNet's 500 images per class; published numbers not comparable]"
+    return ""
+
+
+def pack_mapper(cfg):
+    """Where an image-file source's classes are packed: Ray tasks with pack.workers > 0."""
+    if not cfg.pack.workers:
+        return None
+    from dream_dist.distributed.tasks import ray_mapper
+
+    return ray_mapper(cfg.pack.workers)
+
+
 def eval_executor(cfg, workers: int, device: str = "cpu"):
     """Where the evaluation runs go: Ray tasks when the method ran on Ray, else this process."""
     if not workers:
@@ -51,7 +68,7 @@ def run_method(cfg, method) -> dict:
     from dream_dist.published import published
 
     out = Path(cfg.out_dir)
-    data = open_data(cfg, method.memory_budget_mb(cfg))
+    data = open_data(cfg, method.memory_budget_mb(cfg), pack_mapper(cfg))
     prep = method.prepare(cfg, data, out)  # before any compute: a bad config or dataset fails here
     workers = method.workers(cfg)
     start = time.perf_counter()
@@ -85,11 +102,12 @@ def run_method(cfg, method) -> dict:
     evaluated = sets + ([base] if base is not None else [])
     executor = eval_executor(cfg, workers, getattr(evaluator.cfg, "device", "cpu"))
     results = run_jobs([evaluator.job(s, log_dir=out) for s in evaluated], executor, out, cfg.progress)
+    subset = is_subset(cfg, data)
     rows = [{"method": s.label, "ipc": s.ipc, **results[s.name].to_dict(),
-             "published": published(cfg.dataset.name, s.published, s.ipc) if s.published else None}
+             "published": published(cfg.dataset.name, s.published, s.ipc) if s.published and not subset else None}
             for s in evaluated]
     where = f"{workers} Ray workers" if workers else "in-process"
-    print_table(rows, f"{method.title(cfg, prep, data, metrics)} ({where}); {evaluator.title()}",
+    print_table(rows, f"{method.title(cfg, prep, data, metrics)}{subset} ({where}); {evaluator.title()}",
                 timing=method.timing(metrics))
     summary = {"dataset": cfg.dataset.name, **method.summary(cfg, prep), "metrics": metrics, "rows": rows,
                "environment": metrics["environment"]}
@@ -120,12 +138,20 @@ def _source_protocol(cfg, s, data):
     return "hard", build(EvalConfig, run["eval"], "eval.")
 
 
+def named_protocol(cfg):
+    """evaluate.protocol=dc|dsa|dm|idc: the published protocol exactly (epochs, batch,
+    augmentation, schedule), with the run's eval.runs, seed and device."""
+    from dream_dist.evaluation.protocol import EvalConfig
+
+    return EvalConfig.preset(cfg.evaluate.protocol, runs=cfg.eval.runs, seed=cfg.eval.seed, device=cfg.eval.device)
+
+
 def evaluate_set(cfg) -> dict:
     """task=evaluate: a distilled set from any source (dream_dist.evaluation.sources) under its
     producing run's protocol or a named one, on every architecture of evaluate.models."""
     from dream_dist.errors import ConfigError
     from dream_dist.evaluation.loop import run_jobs
-    from dream_dist.evaluation.protocol import EvalConfig, HardLabelProtocol
+    from dream_dist.evaluation.protocol import HardLabelProtocol
     from dream_dist.evaluation.sources import load_set
 
     e = cfg.evaluate
@@ -133,8 +159,9 @@ def evaluate_set(cfg) -> dict:
         raise ConfigError("evaluate.set: give the set to evaluate (a distilled.pt, an ImageFolder or WebDataset "
                           "directory, or a .pt of image and label tensors)")
     out = Path(cfg.out_dir)
-    data = open_data(cfg)
-    s = load_set(e.set, e.kind, data.mean, data.std, data.names, e.factor, e.normalized)
+    data = open_data(cfg, mapper=pack_mapper(cfg))
+    s = load_set(e.set, e.kind, data.mean, data.std, data.names, e.factor, e.normalized, data.channels,
+                 data.image_size)
     found = _source_protocol(cfg, s, data) if e.protocol is None else None
     if e.protocol == "kd" or (found and found[0] == "kd"):
         from dream_dist.evaluation.kd import KDProtocol
@@ -156,8 +183,7 @@ def evaluate_set(cfg) -> dict:
         if found:
             ecfg, described = found[1], "the producing run's"
         elif e.protocol is not None:
-            ecfg = EvalConfig.preset(e.protocol, runs=cfg.eval.runs, seed=cfg.eval.seed, device=cfg.eval.device)
-            described = e.protocol
+            ecfg, described = named_protocol(cfg), e.protocol
         else:
             ecfg, described = cfg.eval, "eval"
         protocols = {m: HardLabelProtocol(ecfg if m == ecfg.model else dataclasses.replace(ecfg, model=m, width=None,

@@ -1,7 +1,9 @@
-"""Published top-1 accuracies (%) to compare against (DESIGN.md §5; ConvNet-3, mean of 5).
+"""Published top-1 accuracies (%) to compare against (DREAM+ paper, Table I; hard labels,
+ConvNet-3, mean of 5). Which runs they compare with: docs/evaluation.md.
 
 PUBLISHED[dataset][method][ipc]. TinyImageNet rows are for the full dataset with ConvNet-4:
-results on the 100-images-per-class subset are not comparable and are labelled as such.
+results on the 100-images-per-class subset (the default tinyimagenet root) are not comparable:
+the pipeline's table marks such a run as a subset and shows no published figure.
 """
 from __future__ import annotations
 

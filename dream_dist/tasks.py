@@ -90,8 +90,9 @@ class RunConfig:
 def run_pack(cfg) -> dict:
     """task=pack: the class-grouped shards of cfg.dataset, packed or found up to date."""
     from dream_dist.data.prepare import ensure_packed
+    from dream_dist.pipeline import pack_mapper
 
-    out = ensure_packed(cfg)
+    out = ensure_packed(cfg, pack_mapper(cfg))
     info = {s: json.loads((out / f"index-{s}.json").read_text()) for s in ("train", "test")}
     for s, idx in info.items():
         print(f"{s}: {sum(idx['counts'])} images, {idx['num_classes']} classes, "

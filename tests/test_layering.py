@@ -162,3 +162,12 @@ def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path):
     assert cycles(g) == [["dream_dist.methods.x", "dream_dist.models"]]
     assert layer("dream_dist.models") < layer("dream_dist.methods.x")
     assert "ray" in imports_of(pkg / "methods" / "x.py", "dream_dist.methods.x")
+
+
+def test_only_the_ray_package_imports_ray():
+    for path in PKG.rglob("*.py"):
+        name = module_name(path)
+        if name.startswith("dream_dist.distributed"):
+            continue
+        bad = sorted(m for m in imports_of(path, name) if m == "ray" or m.startswith("ray."))
+        assert bad == [], f"{name} imports {bad}: Ray belongs in dream_dist.distributed"

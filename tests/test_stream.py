@@ -88,9 +88,12 @@ def test_an_interrupted_pack_resumes_and_keeps_finished_shards(tmp_path, monkeyp
 
 
 def test_ray_pack_workers_write_the_serial_bytes(tmp_path, local_ray):
+    from dream_dist.distributed.tasks import ray_mapper
+
     src = imagefolder_source(_folder(tmp_path / "src", classes=5, per_class=4), "train")
     serial = pack_files(src, tmp_path / "serial", "train", size=16, max_per_shard=3, progress=False)
-    parallel = pack_files(src, tmp_path / "parallel", "train", size=16, max_per_shard=3, workers=2, progress=False)
+    parallel = pack_files(src, tmp_path / "parallel", "train", size=16, max_per_shard=3,
+                          mapper=ray_mapper(2), progress=False)
     assert parallel == serial
     assert _tree_bytes(tmp_path / "parallel") == _tree_bytes(tmp_path / "serial")
 

@@ -38,12 +38,13 @@ def source_fingerprint(name: str, root: str | None) -> str | None:
     return f"{name}:{h.hexdigest()}"
 
 
-def ensure_packed(cfg) -> Path:
+def ensure_packed(cfg, mapper=None) -> Path:
     """Packed shards of cfg.dataset: the given `dataset.packed`, or packed now into pack.out.
 
     A packed copy is reused when its index records the same source: the same file
     fingerprint (paths, sizes, mtimes: no image is read, which matters for big datasets), or
-    else the same pixel checksum."""
+    else the same pixel checksum. mapper: runs an image-file source's classes elsewhere
+    (dream_dist.distributed.tasks.ray_mapper for pack.workers > 0; None = this process)."""
     from dream_dist.data import load_dataset
     from dream_dist.data.shards import checksum, index_path, pack
     from dream_dist.data.stream import FILE_SOURCES
@@ -51,7 +52,7 @@ def ensure_packed(cfg) -> Path:
     if cfg.dataset.packed is not None:
         return Path(cfg.dataset.packed)
     if cfg.dataset.name in FILE_SOURCES:
-        return _ensure_packed_files(cfg)
+        return _ensure_packed_files(cfg, mapper)
     out = Path(cfg.pack.out)
     fp = source_fingerprint(cfg.dataset.name, cfg.dataset.root)
     idx = {s: index_path(out, s) for s in ("train", "test")}
@@ -77,7 +78,7 @@ def ensure_packed(cfg) -> Path:
     return out
 
 
-def _ensure_packed_files(cfg) -> Path:
+def _ensure_packed_files(cfg, mapper=None) -> Path:
     """Image-file sources: streamed class by class (bounded memory, resumable, optionally on
     Ray tasks); a split is reused when its index records the same files and resize."""
     from dream_dist.data.shards import index_path
@@ -97,7 +98,7 @@ def _ensure_packed_files(cfg) -> Path:
         if not (index.get("source_fingerprint") == src.fingerprint() and index.get("resize") == want
                 and index.get("encoding") == p.encoding):
             index = pack_files(src, out, split, size=p.size, resize=p.resize, encoding=p.encoding,
-                               max_per_shard=p.max_per_shard, mean_std=mean_std, workers=p.workers,
+                               max_per_shard=p.max_per_shard, mean_std=mean_std, mapper=mapper,
                                progress=cfg.progress, on_corrupt=cfg.dataset.on_corrupt)
         mean_std = (index["mean"], index["std"])  # the test split records the train statistics
     return out
@@ -198,12 +199,12 @@ class OpenedData:
         return self.cache.get(c)
 
 
-def open_data(cfg, memory_budget_mb: float | None = None) -> OpenedData:
+def open_data(cfg, memory_budget_mb: float | None = None, mapper=None) -> OpenedData:
     """Pack (or reuse) cfg.dataset and open it; `memory_budget_mb` bounds the class cache
-    (default distill.memory_budget_mb)."""
+    (default distill.memory_budget_mb); `mapper`: as in ensure_packed."""
     from dream_dist.data.shards import ClassCache, PackedReader
 
-    root = ensure_packed(cfg).resolve()
+    root = ensure_packed(cfg, mapper).resolve()
     reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
     test_reader = PackedReader(root, "test", on_corrupt=cfg.dataset.on_corrupt)
     classes = list(cfg.dataset.classes or range(len(reader.classes)))

@@ -19,8 +19,8 @@ shard's worth of decoded images (`max_per_shard`):
 - Resumable: after every class, `index-<split>.partial.json` records the finished classes
   (their shards, counts and pixel sums). A rerun with the same settings keeps those shards
   and packs only the rest; the final index replaces the partial one atomically.
-- Parallel: `workers=N` fans the classes out to Ray tasks (locally or on a cluster; `out`
-  must be storage every node sees). Each class is packed by the same function either way
+- Parallel: `pack.workers=N` fans the classes out to Ray tasks (a mapper handed in by the
+  Ray package; locally or on a cluster; `out` must be storage every node sees). Each class is packed by the same function either way
   and the index is assembled in class order, so the output is byte-for-byte the serial one.
 - Statistics: the train split's mean/std come from float64 per-class pixel sums, combined in
   class order (so they do not depend on `workers` either).
@@ -279,13 +279,14 @@ def _shards_intact(out: Path, entry: dict) -> bool:
 
 def pack_files(source: FileSource, out: str | Path, split: str, size: int | None = None, resize: str = "shorter",
                mode: str = "RGB", encoding: str = "png", max_per_shard: int = 2000,
-               mean_std: tuple[list[float], list[float]] | None = None, workers: int = 0,
+               mean_std: tuple[list[float], list[float]] | None = None, mapper=None,
                progress: bool = True, on_corrupt: str = "error") -> dict:
     """Pack `source` class by class into `out` (see the module docstring). Returns the index.
 
     mean_std: the normalisation to record (pass the train split's for the test split);
-    None = this split's own, from the pixel sums. workers: 0 = this process; N = N Ray tasks
-    at a time (ray must be importable; joins the running cluster or starts Ray locally)."""
+    None = this split's own, from the pixel sums. mapper: None = the classes in this process;
+    else mapper(fn, {key: args}) yields (key, fn(*args)) as they finish, anywhere (the Ray
+    package's `dream_dist.distributed.tasks.ray_mapper(workers)` runs them as Ray tasks)."""
     if resize not in RESIZE:
         raise ConfigError(f"pack.resize: unknown {resize!r}; choose one of {', '.join(RESIZE)}")
     if max_per_shard < 1:
@@ -315,20 +316,9 @@ def pack_files(source: FileSource, out: str | Path, split: str, size: int | None
         bar.update(1)
 
     args = (split, size, resize, mode, encoding, max_per_shard, on_corrupt)
-    if workers and todo:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False)  # joins RAY_ADDRESS / `ray start`, else starts Ray here
-        task = ray.remote(num_cpus=1)(pack_class)
-        pending, running = list(todo), {}
-        while pending or running:
-            while pending and len(running) < workers:
-                c = pending.pop(0)
-                running[task.remote(source.files[c], c, str(out.resolve()), *args)] = c
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                record(running.pop(ref), ray.get(ref))
+    if mapper is not None and todo:
+        for c, entry in mapper(pack_class, {c: (source.files[c], c, str(out.resolve()), *args) for c in todo}):
+            record(c, entry)
     else:
         for c in todo:
             record(c, pack_class(source.files[c], c, out, *args))

@@ -16,7 +16,7 @@ Per training step (the public RDED validation code, in plain torch):
 - AdamW lr 1e-3, weight decay 0.01 on conv/linear weights only (not biases or norm
   parameters), cosine schedule to 0 over the epochs.
 Differences from the public code, on purpose: the reported accuracy is the LAST epoch's (the
-public code reports the best test epoch — model selection on the test set, DESIGN.md §4);
+public code reports the best test epoch — model selection on the test set, docs/evaluation.md);
 the cosine schedule reaches 0 (the public lambda stops at half the initial lr); the loss is
 scaled by T² (the public code omits it; with AdamW this changes nothing but the logged value).
 Results carry soft_labels=True: they are not comparable with hard-label protocols.

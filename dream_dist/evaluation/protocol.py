@@ -1,4 +1,4 @@
-"""Evaluation protocol (DESIGN.md §4): train fresh networks on a distilled set, test on real data.
+"""Evaluation protocol (docs/evaluation.md): train fresh networks on a distilled set, test on real data.
 
     from dream_dist.evaluation.protocol import EvalConfig, evaluate
     cfg = EvalConfig.preset("idc", model="convnet", runs=5)
@@ -7,9 +7,9 @@
 
 What "accuracy" means here, and why:
 - every run trains a FRESH network (seed cfg.seed + run) from scratch on the given set;
-- the reported accuracy of a run is its LAST epoch's test accuracy. The test set is touched
-  once per run, after training, so no model selection on the test set is possible (some
-  public code reports the best epoch, which inflates the numbers);
+- the reported accuracy of a run is its LAST epoch's test accuracy, so no model selection
+  on the test set is possible (the optional test curve, `curve_every`, is a diagnostic and
+  never picks the number; some public code reports the best epoch, which inflates it);
 - mean ± sample std (ddof=1) over cfg.runs runs;
 - results trained with soft labels carry `soft_labels=True` and say so when printed, since
   they are not comparable with hard-label results.

@@ -157,9 +157,10 @@ def _tensors(state: Any, path: Path) -> tuple[Tensor, Tensor]:
 
 
 def load_set(path: str | Path, kind: str, mean, std, classes: list[str], factor: int | None = None,
-             normalized: bool | None = None) -> LoadedSet:
+             normalized: bool | None = None, channels: int | None = None, size: int | None = None) -> LoadedSet:
     """The set at `path` normalised with (mean, std) of the dataset it is evaluated on, whose
-    class names are `classes`."""
+    class names are `classes` (an ImageFolder is read with that dataset's `channels`, resized
+    to its `size` when it differs)."""
     path = Path(path)
     if not path.exists():
         raise DataNotFoundError(f"evaluate.set: {path} does not exist")
@@ -179,7 +180,7 @@ def load_set(path: str | Path, kind: str, mean, std, classes: list[str], factor:
     if kind == "imagefolder":
         from dream_dist.data import load_dataset
 
-        data = load_dataset("imagefolder", "train", root=path)
+        data = load_dataset("imagefolder", "train", root=path, mode="L" if channels == 1 else "RGB", size=size)
         labels = _class_map(list(data.classes), list(classes), path)[data.labels]
         return LoadedSet(name, normalize(data.images, mean, std), labels, _ipc(labels), 1, label=name, kind=kind)
     if kind == "webdataset":

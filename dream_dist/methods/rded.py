@@ -5,7 +5,7 @@
     dream-dist task=rded observer.path=outputs/train_observer/mnist/observer.pt dataset=mnist
     dream-dist task=rded rded.workers=4                         # classes fan out over Ray tasks
 
-Per class c (DESIGN.md §3 "RDED"; nothing here looks at other classes):
+Per class c (docs/methods.md, "RDED"; nothing here looks at other classes):
 1. sample up to m (`images_per_class`, 300) real images of c with c's own seed;
 2. cut `crops_per_image` (5) square random resized crops (area 0.08–1) of side H/f from each;
 3. score every crop by the observer's cross entropy of class c — lower is more realistic.

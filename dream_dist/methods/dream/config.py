@@ -315,7 +315,7 @@ class DistillConfig:
         return (self.batch_real or 128) // self.samples_per_cluster
 
 
-# DC/DSA loops by IPC (outer matching steps per iteration); DESIGN.md §3.
+# DC/DSA loops by IPC (DC's outer loop = matching steps per iteration); docs/methods.md.
 DC_OUTER = {1: 1, 10: 10, 50: 50}
 
 PRESETS: dict[str, dict[str, Any]] = {
