@@ -87,6 +87,33 @@ def test_an_interrupted_pack_resumes_and_keeps_finished_shards(tmp_path, monkeyp
     assert again == whole and _tree_bytes(tmp_path / "out") == _tree_bytes(tmp_path / "whole")
 
 
+def test_a_changed_class_alone_is_repacked(tmp_path, monkeypatch):
+    """Per-class fingerprints: after one file of class 1 changes (and class 2 loses a file),
+    a rerun repacks classes 1 and 2 only, and its output equals a fresh pack of the new files."""
+    root = _folder(tmp_path / "src", classes=4, per_class=5)
+    pack_files(imagefolder_source(root, "train"), tmp_path / "out", "train", size=16, max_per_shard=2,
+               progress=False)
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("train-c0000[03]-*.tar")}
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(root / "k1" / "0.png")
+    (root / "k2" / "4.png").unlink()  # 5 -> 4 images: 2 shards instead of 3
+    real, calls = stream.pack_class, []
+
+    def counting(files, c, *a, **k):
+        calls.append(c)
+        return real(files, c, *a, **k)
+
+    monkeypatch.setattr(stream, "pack_class", counting)
+    src = imagefolder_source(root, "train")
+    again = pack_files(src, tmp_path / "out", "train", size=16, max_per_shard=2, progress=False)
+    assert calls == [1, 2]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("train-c0000[03]-*.tar")} == kept
+    assert not (tmp_path / "out" / "train-c00002-00002.tar").exists()  # the stale third shard is gone
+    monkeypatch.setattr(stream, "pack_class", real)
+    fresh = pack_files(src, tmp_path / "fresh", "train", size=16, max_per_shard=2, progress=False)
+    assert again == fresh and again["counts"] == [5, 5, 4, 5]
+    assert _tree_bytes(tmp_path / "out") == _tree_bytes(tmp_path / "fresh")
+
+
 def test_ray_pack_workers_write_the_serial_bytes(tmp_path, local_ray):
     from dream_dist.distributed.tasks import ray_mapper
 

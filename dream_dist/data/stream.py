@@ -19,9 +19,13 @@ shard's worth of decoded images (`max_per_shard`):
 - Resumable: after every class, `index-<split>.partial.json` records the finished classes
   (their shards, counts and pixel sums). A rerun with the same settings keeps those shards
   and packs only the rest; the final index replaces the partial one atomically.
+- Incremental: every class records a fingerprint of its own files (names, sizes, mtimes) in
+  the index. When the source changes, a rerun repacks only the classes whose files changed
+  and keeps the others' shards (`FileSource.class_fingerprint`).
 - Parallel: `pack.workers=N` fans the classes out to Ray tasks (a mapper handed in by the
-  Ray package; locally or on a cluster; `out` must be storage every node sees). Each class is packed by the same function either way
-  and the index is assembled in class order, so the output is byte-for-byte the serial one.
+  Ray package; locally or on a cluster; `out` must be storage every node sees). Each class is
+  packed by the same function either way and the index is assembled in class order, so the
+  output is byte-for-byte the serial one.
 - Statistics: the train split's mean/std come from float64 per-class pixel sums, combined in
   class order (so they do not depend on `workers` either).
 """
@@ -55,13 +59,21 @@ class FileSource:
     classes: list[str]
     files: list[list[Path]]
 
-    def fingerprint(self) -> str:
-        """paths, sizes and mtimes of every file: a cheap identity (no pixel read)."""
-        h = hashlib.sha256()
-        for c, files in enumerate(self.files):
-            for f in files:
-                st = f.stat()
-                h.update(f"{c}\0{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    def class_fingerprint(self, c: int) -> str:
+        """Class `c`'s name and its files' paths, sizes and mtimes: a cheap identity (no pixel read)."""
+        h = hashlib.sha256(f"{c}\0{self.classes[c]}\n".encode())
+        for f in self.files[c]:
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def fingerprint(self, class_fingerprints: list[str] | None = None) -> str:
+        """The whole source's identity: its name, class count and every class's fingerprint
+        (pass them when already computed)."""
+        fps = class_fingerprints or [self.class_fingerprint(c) for c in range(len(self.classes))]
+        h = hashlib.sha256(f"{len(self.classes)}\n".encode())
+        for fp in fps:
+            h.update(fp.encode())
         return f"{self.name}:{h.hexdigest()}"
 
 
@@ -227,6 +239,8 @@ def pack_class(files: list[Path], c: int, out: str | Path, split: str, size: int
     from dream_dist.data.shards import _encode, member_offsets
 
     out = Path(out)
+    for old in out.glob(f"{split}-c{c:05d}-*.tar"):  # a repacked class may need fewer shards than before
+        old.unlink()
     entries, skipped, n = [], [], 0
     shape = None
     total = sq = None
@@ -295,23 +309,36 @@ def pack_files(source: FileSource, out: str | Path, split: str, size: int | None
         raise ConfigError(f"pack.size must be >= 1 or null, got {size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"source": source.name, "split": split, "fingerprint": source.fingerprint(), "size": size,
+    settings = {"source": source.name, "split": split, "size": size,
                 "resize": resize if size is not None else None, "mode": mode, "encoding": encoding,
                 "max_per_shard": max_per_shard, "on_corrupt": on_corrupt}
+    fps = [source.class_fingerprint(c) for c in range(len(source.classes))]
     partial_path = out / f"index-{split}.partial.json"
+    index_file = out / f"index-{split}.json"
+
+    def reusable(entries: dict) -> dict:
+        """Entries of classes whose files are unchanged and whose shards are intact."""
+        return {c: e for c, e in entries.items()
+                if int(c) < len(fps) and e.get("fingerprint") == fps[int(c)] and _shards_intact(out, e)}
+
     done: dict[str, dict] = {}
-    if partial_path.exists():
-        partial = json.loads(partial_path.read_text())
-        if partial.get("settings") == settings:
-            done = {c: e for c, e in partial["done"].items() if _shards_intact(out, e)}
-            if done:
-                log.warning("%s: resuming, %d of %d classes already packed", partial_path, len(done), len(source.classes))
+    if index_file.exists():  # a finished pack of an earlier version of the source
+        state = json.loads(index_file.read_text())
+        if state.get("settings") == settings:
+            done.update(reusable({c: {**e, "shards": state["shards"][c]} for c, e in state.get("packed", {}).items()}))
+    if partial_path.exists():  # an interrupted pack
+        state = json.loads(partial_path.read_text())
+        if state.get("settings") == settings:
+            done.update(reusable(state["done"]))
+    if done:
+        log.warning("%s: %d of %d classes already packed and unchanged; packing the rest", out, len(done),
+                    len(source.classes))
     todo = [c for c in range(len(source.classes)) if str(c) not in done]
     bar = tqdm(total=len(source.classes), initial=len(done), desc=f"pack {source.name}/{split}", unit="class",
                disable=not progress)
 
     def record(c: int, entry: dict) -> None:
-        done[str(c)] = entry
+        done[str(c)] = {**entry, "fingerprint": fps[c]}
         _atomic_json(partial_path, {"settings": settings, "done": done})
         bar.update(1)
 
@@ -344,13 +371,16 @@ def pack_files(source: FileSource, out: str | Path, split: str, size: int | None
         mean_std = (mean.tolist(), np.sqrt(np.maximum(q / n - mean ** 2, 0)).tolist())
     index = {
         "format": FORMAT, "version": VERSION, "source": source.name, "split": split,
-        "source_fingerprint": settings["fingerprint"],
+        "source_fingerprint": source.fingerprint(fps),
         "resize": {"size": size, "mode": settings["resize"]},
         "classes": list(source.classes), "num_classes": len(source.classes),
         "counts": [e["count"] for e in entries], "image_size": h, "channels": channels,
         "encoding": encoding, "mean": list(mean_std[0]), "std": list(mean_std[1]),
         "shards": {str(c): e["shards"] for c, e in enumerate(entries)},
         "skipped": skipped,
+        # What a later run needs to repack only changed classes (see "Incremental" above).
+        "settings": settings,
+        "packed": {str(c): {k: v for k, v in done[str(c)].items() if k != "shards"} for c in range(len(source.classes))},
     }
     _atomic_json(out / f"index-{split}.json", index)
     partial_path.unlink(missing_ok=True)
