@@ -19,6 +19,19 @@ subprocess, so its peak RSS is its own:
   whose decoded pixels stay under --baseline-max-gb).
 Target: the streaming rows' peak RSS flat as N grows. Results:
 docs/results/scale_stress.{md,json} and docs/benchmarks.md.
+
+    python benchmarks/scale_stress.py --phase run --classes 1000   # methods on the packed stress set
+
+The run phase packs the first N classes (train: every image; "test": the first
+--test-per-class images of each class, the same pictures: a stress set has no held-out
+split, so its accuracies mean nothing) and runs, each in a fresh process through the one
+pipeline (dream_dist.tasks.main):
+- DREAM+ (a few inner steps of a small CPU preset, IPC 1, cluster pool 64) in process with a
+  large memory budget, then on 2 Ray Train workers with distill.memory_budget_mb at a quarter
+  of the decoded training data: wall time, driver peak RSS, largest Ray worker RSS, shard bytes
+  read by rank 0, and whether the two sets are equal;
+- RDED and DDOQ (identity latent space) with their classes fanned out to 2 Ray tasks.
+Results: docs/results/scale_stress_run.{md,json}.
 """
 from __future__ import annotations
 
@@ -62,21 +75,27 @@ def generate(root: Path, classes: int, per_class: int) -> None:
 
 
 class RaySampler(threading.Thread):
-    """Largest RSS of any Ray worker process, sampled every 0.2 s."""
+    """Largest RSS of any Ray worker process (sampled every 0.2 s from /proc)."""
 
     def __init__(self):
         super().__init__(daemon=True)
         self.peak_mb, self.stop = 0.0, False
 
     def run(self):
-        import psutil
-
+        # /proc directly (Linux): no psutil dependency.
         while not self.stop:
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info.get("cmdline") or [])
-                # Ray workers retitle themselves "ray::<task>" (setproctitle).
-                if ("default_worker.py" in cmd or cmd.startswith("ray::")) and p.info.get("memory_info"):
-                    self.peak_mb = max(self.peak_mb, p.info["memory_info"].rss / 2**20)
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit():
+                    continue
+                try:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    # Ray workers retitle themselves "ray::<task>" (setproctitle).
+                    if "default_worker.py" in cmd or cmd.startswith("ray::"):
+                        for line in (proc / "status").read_text().splitlines():
+                            if line.startswith("VmRSS:"):
+                                self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
+                except OSError:
+                    continue  # the process ended meanwhile
             time.sleep(0.2)
 
 
@@ -139,9 +158,95 @@ def pack_table(args) -> None:
     save("scale_stress", {"rows": rows, "per_class": args.per_class}, text)
 
 
+def _pack_for_runs(args, n: int) -> Path:
+    from dream_dist.data.stream import FileSource, imagefolder_source, pack_files
+
+    out = REPO / "outputs" / "scale_stress" / f"packed_{n}"
+    full = imagefolder_source(args.root, "train")
+    train = FileSource("stress", full.classes[:n], full.files[:n])
+    test = FileSource("stress", full.classes[:n], [f[: args.test_per_class] for f in full.files[:n]])
+    index = pack_files(train, out, "train", size=SIZE, progress=True)
+    pack_files(test, out, "test", size=SIZE, mean_std=(index["mean"], index["std"]), progress=True)
+    return out
+
+
+RUNS = {
+    "dream_plus in process": ["task=distill", "distill.workers=0"],
+    "dream_plus 2 Ray workers, budget 1/4": ["task=distill", "distill.workers=2", "distill.memory_budget_mb={quarter}"],
+    "rded 2 Ray tasks": ["task=rded", "rded.workers=2", "rded.ipc=1", "rded.images_per_class=50",
+                         "observer.model=convnet_tiny", "observer.epochs=1", "kd.model=convnet_tiny", "kd.epochs=1",
+                         "kd.runs=1", "rded.baseline=false"],
+    "ddoq 2 Ray tasks": ["task=ddoq", "ddoq.workers=2", "ddoq.ipc=1", "ddoq.encoder=identity",
+                         "ddoq.kmeans_iterations=10", "ddoq.baseline=false"],
+}
+DREAM = ["distill.method=dream_plus", "distill.overrides.ipc=1", "distill.overrides.factor=1",
+         "distill.overrides.width=16", "distill.overrides.iterations=1", "distill.overrides.inner_steps=3",
+         "distill.overrides.batch_real=16", "distill.overrides.net_images=64", "distill.overrides.init_images=2000",
+         "distill.overrides.cluster_pool=64", "distill.overrides.tau=2", "distill.baseline=false"]
+
+
+def run_one(args) -> None:
+    """One method run on the packed stress set, in this (fresh) process: prints a JSON line."""
+    from dream_dist.tasks import main as run_main
+
+    quarter = args.decoded_mb / 4
+    overrides = [o.format(quarter=quarter) for o in RUNS[args.what]]
+    if "task=distill" in overrides:
+        overrides += DREAM
+    sampler = RaySampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    summary = run_main(["dataset=imagefolder", f"dataset.root={args.root}", f"dataset.packed={args.out}",
+                        f"out_dir={args.run_dir}",
+                        "progress=false", "threads=1", "eval=cpu", "eval.width=16", "eval.epochs=1", "eval.runs=1",
+                        *overrides])
+    wall = time.perf_counter() - t0
+    sampler.stop = True
+    sampler.join()
+    m = summary.get("metrics", {})
+    print(json.dumps({"what": args.what, "wall_s": wall,
+                      "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "ray_worker_peak_mb": sampler.peak_mb or None, "steps": m.get("steps"),
+                      "distill_s": m.get("steps_seconds_rank0") or m.get("distill_seconds"),
+                      "bytes_read_rank0": m.get("bytes_read_rank0")}))
+
+
+def run_table(args) -> None:
+    import torch
+
+    n = max(args.classes)
+    packed = _pack_for_runs(args, n)
+    index = json.loads((packed / "index-train.json").read_text())
+    decoded_mb = sum(index["counts"]) * index["channels"] * index["image_size"] ** 2 / 2**20
+    rows, sets = [], {}
+    for what in RUNS:
+        run_dir = REPO / "outputs" / "scale_stress" / "runs" / what.replace(" ", "_").replace("/", "-").replace(",", "")
+        cmd = [sys.executable, __file__, "--phase", "run-one", "--what", what, "--out", str(packed),
+               "--root", str(args.root),
+               "--run-dir", str(run_dir), "--decoded-mb", str(decoded_mb)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"{what} failed:\n{res.stderr[-3000:]}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        print(r, flush=True)
+        if what.startswith("dream_plus"):
+            sets[what] = torch.load(run_dir / "distilled.pt", weights_only=True)["images"]
+        steps = r["steps"] or 0
+        rows.append({"run": what, "classes": n, "wall s": f"{r['wall_s']:.0f}",
+                     "step s": f"{r['distill_s'] / steps:.1f}" if steps and r["distill_s"] else "-",
+                     "driver peak RSS MB": f"{r['driver_peak_mb']:.0f}",
+                     "Ray worker peak RSS MB": f"{r['ray_worker_peak_mb']:.0f}" if r["ray_worker_peak_mb"] else "-",
+                     "shard MB read (rank 0)": f"{r['bytes_read_rank0'] / 2**20:.0f}" if r["bytes_read_rank0"] else "-"})
+    same = len(sets) == 2 and torch.equal(*sets.values())
+    text = (f"Methods on the packed stress set: {n} classes, {sum(index['counts'])} images at {SIZE} px "
+            f"(decoded {decoded_mb:.0f} MB; the Ray run's budget is a quarter of it). DREAM+ on 2 Ray workers "
+            f"gives the in-process set: **{same}**.\n\n" + markdown(rows, list(rows[0])))
+    save("scale_stress_run", {"rows": rows, "same_set": same, "decoded_mb": decoded_mb}, text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["generate", "pack", "pack-one"], default="pack")
+    ap.add_argument("--phase", choices=["generate", "pack", "pack-one", "run", "run-one"], default="pack")
     ap.add_argument("--root", type=Path, default=REPO / "outputs" / "scale_stress" / "src")
     ap.add_argument("--classes", type=int, nargs="+", default=[250, 500, 1000])
     ap.add_argument("--per-class", type=int, default=300)
@@ -150,11 +255,19 @@ def main() -> None:
     ap.add_argument("--mode", choices=["stream", "memory"], default="stream")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--test-per-class", type=int, default=10)
+    ap.add_argument("--what", choices=list(RUNS))
+    ap.add_argument("--run-dir", type=Path)
+    ap.add_argument("--decoded-mb", type=float)
     args = ap.parse_args()
     if args.phase == "generate":
         generate(args.root, max(args.classes), args.per_class)
     elif args.phase == "pack-one":
         pack_one(args)
+    elif args.phase == "run":
+        run_table(args)
+    elif args.phase == "run-one":
+        run_one(args)
     else:
         pack_table(args)
 

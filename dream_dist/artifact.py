@@ -16,6 +16,7 @@ pickled code.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 import os
 import re
 from functools import cached_property
@@ -55,6 +56,32 @@ def load_plain(path: str | Path) -> Any:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused: not a checkpoint that loads without running code "
                               f"(torch.load weights_only=True: {first})") from None
+
+
+@dataclass
+class SynthSet:
+    """One set a method produced, as the pipeline saves and evaluates it."""
+
+    name: str
+    """Row label in the table, and the evaluation's file stem."""
+    images: Tensor
+    """Normalised float (N, C, H, W) as stored (before multi-formation decoding), class-major."""
+    labels: Tensor
+    ipc: int
+    factor: int = 1
+    soft_labels: Tensor | None = None
+    weights: Tensor | None = None
+    published: str | None = None
+    """Key of dream_dist.published for this row (None: no published figure applies)."""
+    save_as: str | None = "distilled.pt"
+    """File name of the artifact in out_dir (None: only a PNG grid)."""
+    config: dict = field(default_factory=dict)
+    """Stored in the artifact next to the run's config."""
+    label: str = ""
+    """The table's method column (default: name)."""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
 
 
 # Decoding / quantising in chunks bounds peak float memory for large (ImageNet-sized) sets.

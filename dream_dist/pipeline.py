@@ -118,14 +118,14 @@ def run_method(cfg, method) -> dict:
     return summary
 
 
-def _source_protocol(cfg, s, data):
+def _source_protocol(cfg, loaded, data):
     """The evaluation the producing run used, from a distilled.pt's recorded config; None when
     the set does not record one."""
     from dream_dist.config import build
     from dream_dist.evaluation.kd import KDConfig
     from dream_dist.evaluation.protocol import EvalConfig
 
-    run = (s.source or {}).get("config", {}).get("run")
+    run = (loaded.source or {}).get("config", {}).get("run")
     if not run:
         return None
     if run.get("dataset", {}).get("name") not in (None, cfg.dataset.name):
@@ -160,16 +160,17 @@ def evaluate_set(cfg) -> dict:
                           "directory, or a .pt of image and label tensors)")
     out = Path(cfg.out_dir)
     data = open_data(cfg, mapper=pack_mapper(cfg))
-    s = load_set(e.set, e.kind, data.mean, data.std, data.names, e.factor, e.normalized, data.channels,
+    loaded = load_set(e.set, e.kind, data.mean, data.std, data.names, e.factor, e.normalized, data.channels,
                  data.image_size)
-    found = _source_protocol(cfg, s, data) if e.protocol is None else None
+    s = loaded.set
+    found = _source_protocol(cfg, loaded, data) if e.protocol is None else None
     if e.protocol == "kd" or (found and found[0] == "kd"):
         from dream_dist.evaluation.kd import KDProtocol
         from dream_dist.evaluation.observer import get_observer
 
         kcfg = found[1] if found else cfg.kd
         ocfg = cfg.observer
-        obs_path = ((s.source or {}).get("metrics", {}).get("observer") or {}).get("path")
+        obs_path = ((loaded.source or {}).get("metrics", {}).get("observer") or {}).get("path")
         if ocfg.path is None and obs_path:
             ocfg = dataclasses.replace(ocfg, path=obs_path)  # the observer the producing run saved
         observer, _ = get_observer(ocfg, data.train() if ocfg.path is None else data.meta(), data.mean, data.std,
@@ -195,9 +196,9 @@ def evaluate_set(cfg) -> dict:
     results = run_jobs(jobs, executor, out, cfg.progress)
     rows = [{"method": m, "ipc": s.ipc, **results[names[m]].to_dict(), "published": None} for m in e.models]
     first = protocols[e.models[0]]
-    print_table(rows, f"{cfg.dataset.name}: {s.label} ({s.kind}, {len(s.labels)} stored images, factor {s.factor}); "
+    print_table(rows, f"{cfg.dataset.name}: {s.label} ({loaded.kind}, {len(s.labels)} stored images, factor {s.factor}); "
                       f"{described} protocol: {first.title()}")
-    summary = {"dataset": cfg.dataset.name, "set": str(e.set), "kind": s.kind, "factor": s.factor,
+    summary = {"dataset": cfg.dataset.name, "set": str(e.set), "kind": loaded.kind, "factor": s.factor,
                "protocol": described, "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"results:       {out / 'results.json'}\nTensorBoard:   tensorboard --logdir {out / 'tb'}")

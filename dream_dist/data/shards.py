@@ -176,7 +176,7 @@ class PackedReader:
         self.split = split
         self.on_corrupt = on_corrupt
         self.skipped: list[str] = []  # on_corrupt="skip": keys of the skipped samples, once each
-        self.bytes_read = 0  # image payload bytes read by read_samples (diagnostics, benchmarks)
+        self.bytes_read = 0  # shard bytes read: whole shards by load_class, payloads by read_samples
         self._skip_keys: set[str] = set()
         path = index_path(self.root, split)
         if not path.exists():
@@ -319,6 +319,7 @@ class PackedReader:
     def load_class(self, c: int) -> torch.Tensor:
         """All images of class `c` as uint8 (n, C, H, W)."""
         arrays = [img for _, img in self.iter_class(c)]
+        self.bytes_read += sum(e["bytes"] for e in self.index["shards"].get(str(c), []))
         s, ch = self.index["image_size"], self.index["channels"]
         if not arrays:
             return torch.zeros(0, ch, s, s, dtype=torch.uint8)

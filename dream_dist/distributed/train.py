@@ -189,5 +189,8 @@ def run_sharded(cfg, method, prep, data, out: Path, workers: int):
                                   storage=out / "ray", log_dir=out / "tb" / "distill", prep=prep, data=data)
     sets = merged_sets(result.checkpoint, cfg, method, prep, data)
     metrics = {"distill_seconds": time.perf_counter() - start, "startup_seconds": 0.0,
-               "steps": result.metrics["step"], "peak_rss_mb_rank0": result.metrics.get("peak_rss_mb")}
+               "steps": result.metrics["step"], "peak_rss_mb_rank0": result.metrics.get("peak_rss_mb"),
+               "bytes_read_rank0": result.metrics.get("bytes_read"),
+               # rank 0's own time in the steps (distill_seconds above includes Ray's start-up)
+               "steps_seconds_rank0": result.metrics.get("distill_seconds")}
     return sets, metrics

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dream_dist.artifact import SynthSet
 from dream_dist.data.base import normalize
 from dream_dist.errors import ConfigError, DataError, DataNotFoundError
 
@@ -78,18 +79,11 @@ class EvaluateConfig:
 
 @dataclass
 class LoadedSet:
-    """A set as the evaluation protocols take it (the fields of methods.base.SynthSet)."""
+    """A set read for evaluation: the set itself and where it came from."""
 
-    name: str
-    images: Tensor
-    """Normalised with the evaluation dataset's statistics, as stored (before decoding)."""
-    labels: Tensor
-    ipc: int
-    factor: int = 1
-    soft_labels: Tensor | None = None
-    weights: Tensor | None = None
-    label: str = ""
-    kind: str = ""
+    set: SynthSet
+    """Images normalised with the evaluation dataset's statistics, as stored (before decoding)."""
+    kind: str
     source: dict | None = None
     """The producing run's config and metrics (a distilled.pt), else None."""
 
@@ -175,21 +169,21 @@ def load_set(path: str | Path, kind: str, mean, std, classes: list[str], factor:
             raise DataError(f"evaluate.set: {path} has {len(ds.classes)} classes, the dataset {len(classes)}: "
                             f"pick the dataset the set was distilled from (dataset=...)")
         images = _renormalize(st.images, ds.mean, ds.std, mean, std)
-        return LoadedSet(name, images, st.labels, _ipc(st.labels), ds.factor, st.soft_labels, st.weights, name,
+        return LoadedSet(SynthSet(name, images, st.labels, _ipc(st.labels), ds.factor, st.soft_labels, st.weights),
                          kind, {"config": dict(ds.config), "metrics": dict(ds.metrics)})
     if kind == "imagefolder":
         from dream_dist.data import load_dataset
 
         data = load_dataset("imagefolder", "train", root=path, mode="L" if channels == 1 else "RGB", size=size)
         labels = _class_map(list(data.classes), list(classes), path)[data.labels]
-        return LoadedSet(name, normalize(data.images, mean, std), labels, _ipc(labels), 1, label=name, kind=kind)
+        return LoadedSet(SynthSet(name, normalize(data.images, mean, std), labels, _ipc(labels)), kind)
     if kind == "webdataset":
         from dream_dist.data.shards import PackedReader
 
         reader = PackedReader(path, "train")
         data = reader.load_classes()
         labels = _class_map(list(reader.classes), list(classes), path)[data.labels]
-        return LoadedSet(name, normalize(data.images, mean, std), labels, _ipc(labels), 1, label=name, kind=kind)
+        return LoadedSet(SynthSet(name, normalize(data.images, mean, std), labels, _ipc(labels)), kind)
     if kind == "tensors":
         from dream_dist.artifact import load_plain
 
@@ -211,5 +205,5 @@ def load_set(path: str | Path, kind: str, mean, std, classes: list[str], factor:
         if int(y.max()) >= len(classes) or int(y.min()) < 0:
             raise DataError(f"evaluate.set: {path}: labels span {int(y.min())}..{int(y.max())} but the dataset has "
                             f"{len(classes)} classes")
-        return LoadedSet(name, images.contiguous(), y, _ipc(y), factor or 1, label=name, kind=kind)
+        return LoadedSet(SynthSet(name, images.contiguous(), y, _ipc(y), factor or 1), kind)
     raise ConfigError(f"evaluate.kind: unknown {kind!r}")

@@ -19,37 +19,12 @@ Methods never import Ray; the Ray package never imports a concrete method.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import Tensor
 
-
-@dataclass
-class SynthSet:
-    """One set a method produced, as the pipeline saves and evaluates it."""
-
-    name: str
-    """Row label in the table, and the evaluation's file stem."""
-    images: Tensor
-    """Normalised float (N, C, H, W) as stored (before multi-formation decoding), class-major."""
-    labels: Tensor
-    ipc: int
-    factor: int = 1
-    soft_labels: Tensor | None = None
-    weights: Tensor | None = None
-    published: str | None = None
-    """Key of dream_dist.published for this row (None: no published figure applies)."""
-    save_as: str | None = "distilled.pt"
-    """File name of the artifact in out_dir (None: only a PNG grid)."""
-    config: dict = field(default_factory=dict)
-    """Stored in the artifact next to the run's config."""
-    label: str = ""
-    """The table's method column (default: name)."""
-
-    def __post_init__(self) -> None:
-        self.label = self.label or self.name
+from dream_dist.artifact import SynthSet  # noqa: F401  (what methods return)
 
 
 ImagesOf = Callable[[int], Tensor]
