@@ -170,11 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def conf_dir() -> Path:
-    """conf/ of the checkout when run from one, else the copy installed as dream_dist.conf."""
-    here = Path(__file__).resolve().parent
-    repo_conf = here.parent / "conf"
-    if (repo_conf / "config.yaml").exists():
-        return repo_conf
+    """The configs shipped inside the package (dream_dist/conf; in a checkout, a link to the
+    repository's conf/), wherever the command runs from: `ray submit` copies run.py alone."""
+    here = Path(__file__).parent / "conf"
+    if (here / "config.yaml").exists():
+        return here
     import importlib.resources
 
     return Path(str(importlib.resources.files("dream_dist.conf")))
