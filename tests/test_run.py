@@ -89,7 +89,7 @@ def test_pack_task(tmp_path):
 
 def test_ensure_packed_reuses_a_packed_copy_without_reading_the_source(tmp_path, monkeypatch):
     """A file-based source whose files are unchanged is not read again (fingerprint of paths,
-    sizes and mtimes); changing a file repacks."""
+    sizes and mtimes); changing a file repacks its class only."""
     import numpy as np
     from PIL import Image
 
@@ -117,7 +117,7 @@ def test_ensure_packed_reuses_a_packed_copy_without_reading_the_source(tmp_path,
     assert ensure_packed(cfg) == out and len(reads) == 4  # unchanged: no read at all
     Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "src" / "train" / "a" / "0.png")
     ensure_packed(cfg)
-    assert sorted(reads[4:]) == [("train", 0), ("train", 1)]  # a changed train file: that split again
+    assert sorted(reads[4:]) == [("train", 0)]  # a changed train file of class a: that class again
     from dream_dist.data.shards import PackedReader
 
     assert torch.equal(PackedReader(out, "train").load_classes([0]).images[0],
