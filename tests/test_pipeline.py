@@ -147,3 +147,18 @@ def test_evaluate_refuses_bad_input_in_one_line(packed, tmp_path):
         _evaluate(tmp_path, packed, "odd", f"evaluate.set={tmp_path}/odd.pt")
     with pytest.raises(ConfigError, match="evaluate.models: unknown"):
         compose(["task=evaluate", "evaluate.models=[vgg99]"])
+
+
+def test_the_tinyimagenet_subset_gets_no_published_figure():
+    """Published TinyImageNet numbers belong to the full 500-per-class set only."""
+    from types import SimpleNamespace
+
+    from dream_dist.pipeline import is_subset
+
+    def data(n, k):
+        return SimpleNamespace(counts_all=[n] * k, classes=list(range(k)))
+
+    tiny = SimpleNamespace(dataset=SimpleNamespace(name="tinyimagenet"))
+    assert "subset" in is_subset(tiny, data(100, 200))
+    assert is_subset(tiny, data(500, 200)) == ""
+    assert is_subset(SimpleNamespace(dataset=SimpleNamespace(name="mnist")), data(100, 10)) == ""
