@@ -110,9 +110,14 @@ def test_tinyimagenet_layout(tiny_dir):
     wnids = (tiny_dir / "wnids.txt").read_text().split()
     assert val.classes == wnids and val.images.shape == (10000, 3, 64, 64)
     assert val.counts() == [50] * 200
-    # The label of a val image comes from val_annotations.txt.
+    # The label of a val image comes from val_annotations.txt; images are loaded class by class.
+    from dream_dist.data.folder import tinyimagenet_source
+
     first = (tiny_dir / "val" / "val_annotations.txt").read_text().splitlines()[0].split("\t")
-    assert val.classes[int(val.labels[0])] == first[1]
+    src = tinyimagenet_source(tiny_dir, "val")
+    c = next(c for c, files in enumerate(src.files) if any(p.name == first[0] for p in files))
+    assert src.classes[c] == first[1]
+    assert val.labels.tolist() == [k for k, files in enumerate(src.files) for _ in files]
 
 
 def _packed_mnist(tmp_path_factory, mnist_dir):

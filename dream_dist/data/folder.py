@@ -1,14 +1,20 @@
-"""Image folders: the generic ImageFolder layout and TinyImageNet's own layout.
+"""Image files: decoding (with resize), listings of the ImageFolder and TinyImageNet layouts,
+and in-memory loading of them.
 
 ImageFolder: root/<split>/<class>/<image> (or root/<class>/<image> when there is no split
 folder); classes in sorted order. TinyImageNet: class order from wnids.txt (the
 conventional index), train/<wnid>/images/*.JPEG, val/images/* labelled by
 val/val_annotations.txt. Grayscale images are converted to RGB.
+
+A listing is a `FileSource` (class names + each class's files, nothing decoded): what the
+streaming pack (dream_dist.data.stream) and the in-memory loaders here both start from.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +27,34 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
-def decode_image(path: Path, mode: str = "RGB", size: int | None = None) -> np.ndarray:
-    """Decode one file to uint8 (C, H, W), converting to `mode` ('RGB' or 'L')."""
+def decode_image(path: Path, mode: str = "RGB", size: int | None = None, resize: str = "square") -> np.ndarray:
+    """Decode one file to uint8 (C, H, W) in `mode` ('RGB' or 'L'). With `size`: stretched to
+    size x size ("square"), or the shorter side scaled to `size` and centre-cropped ("shorter",
+    ImageNet's usual preparation); unchanged when size is None."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im = im.convert(mode)
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
+            if size is not None:
+                w, h = im.size
+                if resize == "square":
+                    if (w, h) != (size, size):
+                        im = im.resize((size, size), Image.BILINEAR)
+                else:
+                    s = size / min(w, h)
+                    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+                    im = im.resize((nw, nh), Image.BILINEAR)
+                    left, top = (nw - size) // 2, (nh - size) // 2
+                    im = im.crop((left, top, left + size, top + size))
             arr = np.asarray(im, dtype=np.uint8)
     except Exception as e:
         raise DataError(f"{path}: cannot decode image ({e})") from e
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _decode_all(paths: list[Path], mode: str, size: int | None, on_corrupt: str = "error") -> tuple[torch.Tensor, list[int]]:
+def decode_files(paths: list[Path], mode: str = "RGB", size: int | None = None, resize: str = "square",
+                 on_corrupt: str = "error") -> tuple[torch.Tensor, list[int]]:
     """(uint8 images, indices of `paths` decoded). on_corrupt="skip" leaves out the files that
     cannot be decoded, logging their count and names; "error" raises on the first."""
     if on_corrupt not in ("error", "skip"):
@@ -44,7 +62,7 @@ def _decode_all(paths: list[Path], mode: str, size: int | None, on_corrupt: str 
 
     def one(p: Path):
         try:
-            return decode_image(p, mode, size)
+            return decode_image(p, mode, size, resize)
         except DataError:
             if on_corrupt == "error":
                 raise
@@ -66,44 +84,101 @@ def _decode_all(paths: list[Path], mode: str, size: int | None, on_corrupt: str 
     return images, kept
 
 
-def load_imagefolder(root: Path, split: str, mode: str = "RGB", size: int | None = None,
-                     on_corrupt: str = "error") -> ImageSet:
+# ---------------------------------------------------------------------------- listings (nothing decoded)
+
+
+@dataclass
+class FileSource:
+    """An image-file source without decoding anything: class names in label order and the
+    sorted file list of each class."""
+
+    name: str
+    classes: list[str]
+    files: list[list[Path]]
+
+    def class_fingerprint(self, c: int) -> str:
+        """Class `c`'s name and its files' paths, sizes and mtimes: a cheap identity (no pixel read)."""
+        h = hashlib.sha256(f"{c}\0{self.classes[c]}\n".encode())
+        for f in self.files[c]:
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def fingerprint(self, class_fingerprints: list[str] | None = None) -> str:
+        """The whole source's identity: its name, class count and every class's fingerprint
+        (pass them when already computed)."""
+        fps = class_fingerprints or [self.class_fingerprint(c) for c in range(len(self.classes))]
+        h = hashlib.sha256(f"{len(self.classes)}\n".encode())
+        for fp in fps:
+            h.update(fp.encode())
+        return f"{self.name}:{h.hexdigest()}"
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def imagefolder_source(root: str | Path, split: str) -> FileSource:
+    """<root>/<split>/<class>/<images> (or <root>/<class>/<images>), classes sorted."""
+    root = Path(root)
     base = root / split if (root / split).is_dir() else root
+    if not base.is_dir():
+        raise DataNotFoundError(f"dataset.root: {base} is not a directory")
     classes = sorted(p.name for p in base.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{base}: no class folders found (expected <root>/<class>/<images>)")
-    paths, labels = [], []
-    for c, name in enumerate(classes):
-        files = sorted(p for p in (base / name).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-        paths += files
-        labels += [c] * len(files)
-    images, kept = _decode_all(paths, mode, size, on_corrupt)
-    return ImageSet(images, torch.tensor(labels, dtype=torch.int64)[kept], classes)
+    return FileSource("imagefolder", classes, [_images_in(base / c) for c in classes])
 
 
-def load_tinyimagenet(root: Path, split: str, names: bool = False, on_corrupt: str = "error") -> ImageSet:
+def read_synsets(path: str | Path) -> list[str]:
+    """wnids in class order from a synset list: `<wnid>[ <words>]` per line (LOC_synset_mapping.txt)."""
+    wnids = [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
+    if not wnids:
+        raise DataError(f"{path}: lists no synsets")
+    return wnids
+
+
+def tinyimagenet_source(root: str | Path, split: str) -> FileSource:
+    """TinyImageNet: wnids.txt order, train/<wnid>/images/*.JPEG, val labelled by
+    val/val_annotations.txt."""
+    root = Path(root)
     wnids_file = root / "wnids.txt"
     if not wnids_file.exists():
         raise DataNotFoundError(f"{wnids_file} not found: not a TinyImageNet directory")
-    wnids = [w.strip() for w in wnids_file.read_text().split() if w.strip()]
+    wnids = read_synsets(wnids_file)
     index = {w: i for i, w in enumerate(wnids)}
-    paths, labels = [], []
     if split == "train":
-        for w in wnids:
-            files = sorted((root / "train" / w / "images").glob("*.JPEG"))
-            paths += files
-            labels += [index[w]] * len(files)
-    else:
-        ann = root / "val" / "val_annotations.txt"
-        if not ann.exists():
-            raise DataNotFoundError(f"{ann} not found")
-        for line in ann.read_text().splitlines():
-            cols = line.split("\t")
-            if len(cols) < 2:
-                continue
+        return FileSource("tinyimagenet", wnids, [sorted((root / "train" / w / "images").glob("*.JPEG")) for w in wnids])
+    ann = root / "val" / "val_annotations.txt"
+    if not ann.exists():
+        raise DataNotFoundError(f"{ann} not found")
+    files: list[list[Path]] = [[] for _ in wnids]
+    for line in ann.read_text().splitlines():
+        cols = line.split("\t")
+        if len(cols) >= 2:
             if cols[1] not in index:
                 raise DataError(f"{ann}: unknown wnid {cols[1]!r} for {cols[0]}")
-            paths.append(root / "val" / "images" / cols[0])
-            labels.append(index[cols[1]])
-    images, kept = _decode_all(paths, "RGB", None, on_corrupt)
-    return ImageSet(images, torch.tensor(labels, dtype=torch.int64)[kept], wnids)
+            files[index[cols[1]]].append(root / "val" / "images" / cols[0])
+    return FileSource("tinyimagenet", wnids, files)
+
+
+# ---------------------------------------------------------------------------- decoded in memory
+
+
+def decode_source(source: FileSource, size: int | None = None, resize: str = "shorter", on_corrupt: str = "error",
+                  mode: str = "RGB") -> ImageSet:
+    """The whole source decoded in memory, class by class (small sources and tests; packing
+    streams instead: dream_dist.data.stream.pack_files)."""
+    paths = [p for files in source.files for p in files]
+    labels = torch.tensor([c for c, files in enumerate(source.files) for _ in files], dtype=torch.int64)
+    images, kept = decode_files(paths, mode, size, resize, on_corrupt)
+    return ImageSet(images, labels[kept], list(source.classes))
+
+
+def load_imagefolder(root: Path, split: str, mode: str = "RGB", size: int | None = None,
+                     on_corrupt: str = "error") -> ImageSet:
+    return decode_source(imagefolder_source(root, split), size, "square", on_corrupt, mode)
+
+
+def load_tinyimagenet(root: Path, split: str, names: bool = False, on_corrupt: str = "error") -> ImageSet:
+    return decode_source(tinyimagenet_source(root, split), on_corrupt=on_corrupt)

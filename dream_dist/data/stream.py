@@ -32,73 +32,29 @@ shard's worth of decoded images (`max_per_shard`):
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from dream_dist.data.folder import IMAGE_EXTS
+from dream_dist.data.base import ImageSet
+from dream_dist.data.folder import (  # noqa: F401  (FileSource & co. are part of this module's API)
+    FileSource,
+    _images_in,
+    decode_image,
+    decode_source,
+    imagefolder_source,
+    read_synsets,
+    tinyimagenet_source,
+)
 from dream_dist.data.shards import FORMAT, VERSION
 from dream_dist.errors import ConfigError, DataError, DataNotFoundError
 
 RESIZE = ("shorter", "square")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FileSource:
-    """An image-file source without decoding anything: class names in label order and the
-    sorted file list of each class."""
-
-    name: str
-    classes: list[str]
-    files: list[list[Path]]
-
-    def class_fingerprint(self, c: int) -> str:
-        """Class `c`'s name and its files' paths, sizes and mtimes: a cheap identity (no pixel read)."""
-        h = hashlib.sha256(f"{c}\0{self.classes[c]}\n".encode())
-        for f in self.files[c]:
-            st = f.stat()
-            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()
-
-    def fingerprint(self, class_fingerprints: list[str] | None = None) -> str:
-        """The whole source's identity: its name, class count and every class's fingerprint
-        (pass them when already computed)."""
-        fps = class_fingerprints or [self.class_fingerprint(c) for c in range(len(self.classes))]
-        h = hashlib.sha256(f"{len(self.classes)}\n".encode())
-        for fp in fps:
-            h.update(fp.encode())
-        return f"{self.name}:{h.hexdigest()}"
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-
-
-def imagefolder_source(root: str | Path, split: str) -> FileSource:
-    """<root>/<split>/<class>/<images> (or <root>/<class>/<images>), classes sorted."""
-    root = Path(root)
-    base = root / split if (root / split).is_dir() else root
-    if not base.is_dir():
-        raise DataNotFoundError(f"dataset.root: {base} is not a directory")
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{base}: no class folders found (expected <root>/<class>/<images>)")
-    return FileSource("imagefolder", classes, [_images_in(base / c) for c in classes])
-
-
-def read_synsets(path: str | Path) -> list[str]:
-    """wnids in class order from a synset list: `<wnid>[ <words>]` per line (LOC_synset_mapping.txt)."""
-    wnids = [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
-    if not wnids:
-        raise DataError(f"{path}: lists no synsets")
-    return wnids
 
 
 def read_val_solution(path: str | Path) -> dict[str, str]:
@@ -178,55 +134,7 @@ def imagenet_source(root: str | Path, split: str) -> FileSource:
     return FileSource("imagenet", wnids, files)
 
 
-def tinyimagenet_source(root: str | Path, split: str) -> FileSource:
-    """TinyImageNet: wnids.txt order, train/<wnid>/images/*.JPEG, val labelled by
-    val/val_annotations.txt."""
-    root = Path(root)
-    wnids_file = root / "wnids.txt"
-    if not wnids_file.exists():
-        raise DataNotFoundError(f"{wnids_file} not found: not a TinyImageNet directory")
-    wnids = read_synsets(wnids_file)
-    index = {w: i for i, w in enumerate(wnids)}
-    if split == "train":
-        return FileSource("tinyimagenet", wnids, [sorted((root / "train" / w / "images").glob("*.JPEG")) for w in wnids])
-    ann = root / "val" / "val_annotations.txt"
-    if not ann.exists():
-        raise DataNotFoundError(f"{ann} not found")
-    files: list[list[Path]] = [[] for _ in wnids]
-    for line in ann.read_text().splitlines():
-        cols = line.split("\t")
-        if len(cols) >= 2:
-            if cols[1] not in index:
-                raise DataError(f"{ann}: unknown wnid {cols[1]!r} for {cols[0]}")
-            files[index[cols[1]]].append(root / "val" / "images" / cols[0])
-    return FileSource("tinyimagenet", wnids, files)
-
-
 FILE_SOURCES = {"imagefolder": imagefolder_source, "imagenet": imagenet_source, "tinyimagenet": tinyimagenet_source}
-
-
-def load_resized(path: Path, size: int | None, resize: str = "shorter", mode: str = "RGB") -> np.ndarray:
-    """Decode one file to uint8 (C, H, W): shorter side to `size` + centre crop ("shorter"),
-    or stretched to size x size ("square"); unchanged when size is None."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert(mode)
-            if size is not None:
-                w, h = im.size
-                if resize == "square":
-                    im = im.resize((size, size), Image.BILINEAR)
-                else:
-                    s = size / min(w, h)
-                    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-                    im = im.resize((nw, nh), Image.BILINEAR)
-                    left, top = (nw - size) // 2, (nh - size) // 2
-                    im = im.crop((left, top, left + size, top + size))
-            arr = np.asarray(im, dtype=np.uint8)
-    except Exception as e:
-        raise DataError(f"{path}: cannot decode image ({e})") from e
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def pack_class(files: list[Path], c: int, out: str | Path, split: str, size: int | None, resize: str,
@@ -248,7 +156,7 @@ def pack_class(files: list[Path], c: int, out: str | Path, split: str, size: int
         chunk = []
         for p in files[start: start + max_per_shard]:
             try:
-                img = load_resized(p, size, resize, mode)
+                img = decode_image(p, mode, size, resize)
             except DataError:
                 if on_corrupt == "error":
                     raise
@@ -387,33 +295,8 @@ def pack_files(source: FileSource, out: str | Path, split: str, size: int | None
     return index
 
 
-def decode_source(source: FileSource, size: int | None = None, resize: str = "shorter",
-                  on_corrupt: str = "error") -> "ImageSet":
-    """The whole source decoded in memory (small sources and tests; packing streams instead)."""
-    import torch
-
-    from dream_dist.data.base import ImageSet
-
-    images, labels, skipped = [], [], []
-    for c, files in enumerate(source.files):
-        for p in files:
-            try:
-                images.append(load_resized(p, size, resize))
-            except DataError:
-                if on_corrupt == "error":
-                    raise
-                skipped.append(str(p))
-                continue
-            labels.append(c)
-    if skipped:
-        log.warning("skipped %d corrupt image(s) (dataset.on_corrupt=skip): %s", len(skipped), ", ".join(skipped[:20]))
-    if len({a.shape for a in images}) > 1:
-        raise DataError(f"{source.name}: images have different sizes; pass size=N (pack.size=N) to resize")
-    return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), source.classes)
-
-
 def load_imagenet(root: Path, split: str, size: int | None = None, resize: str = "shorter",
-                  on_corrupt: str = "error") -> "ImageSet":
+                  on_corrupt: str = "error") -> ImageSet:
     """ImageNet-1K in one of its standard layouts, decoded in memory: only for small subsets;
     `dream-dist task=pack dataset=imagenet pack.size=64` streams the full set to shards."""
     return decode_source(imagenet_source(root, split), size, resize, on_corrupt)
