@@ -66,9 +66,10 @@ class KillOnce:
 
 def test_killed_worker_recovers_to_the_same_set(local_ray, tmp_path):
     """Rank 1 is SIGKILLed after its step-3 report; Ray's FailureConfig restarts the worker
-    group from the last registered checkpoint (step 2 or 3: Ray registers a report
-    asynchronously, so the one just made may not have landed) and the run ends with exactly
-    the uninterrupted synthetic set."""
+    group from the last registered checkpoint and the run ends with exactly the uninterrupted
+    synthetic set. Ray registers a report asynchronously, so under load the last registered
+    checkpoint can lag the kill by more than one step (CI saw step 1): any checkpoint counts,
+    a restart from scratch does not."""
     from dream_dist import load_distilled
     from dream_dist.distributed.train import distill_on_ray
     from dream_dist.methods import METHODS
@@ -82,8 +83,8 @@ def test_killed_worker_recovers_to_the_same_set(local_ray, tmp_path):
     assert marker.exists(), "the fault was not injected"
     assert int(marker.read_text()) > 0
     assert result.metrics["step"] == 4
-    # Restarted from a checkpoint, not from scratch (steps 1 and 2 were registered long before).
-    assert result.metrics["resumed_from"] in (2, 3)
+    # Restarted from a checkpoint (step 1, 2 or 3), not from scratch.
+    assert result.metrics["resumed_from"] in (1, 2, 3)
     torch.testing.assert_close(images, ref.images, rtol=1e-5, atol=1e-5)
     assert torch.equal(labels, ref.labels)
 
