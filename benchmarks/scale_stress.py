@@ -63,15 +63,21 @@ def generate(root: Path, classes: int, per_class: int) -> None:
             continue
         d.mkdir(parents=True, exist_ok=True)
         colour = rng.integers(0, 256, 3)
-        freq = 1 + c % 17
         for i in range(per_class):
             h, w = (int(v) for v in rng.integers(48, 161, 2))
-            yy, xx = np.mgrid[0:h, 0:w]
-            stripes = (np.sin(xx * freq * np.pi / w) * 60).astype(np.int16)
-            img = np.clip(colour[None, None, :] + stripes[..., None], 0, 255).astype(np.uint8)
-            cy, cx, r = int(rng.integers(0, h)), int(rng.integers(0, w)), int(rng.integers(6, 20))
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 255 - colour
-            Image.fromarray(img).save(d / f"n{c:08d}_{i:05d}.JPEG", quality=90)
+            Image.fromarray(stress_image(rng, colour, 1 + c % 17, h, w)).save(d / f"n{c:08d}_{i:05d}.JPEG", quality=90)
+
+
+def stress_image(rng, colour, freq: int, h: int, w: int):
+    """One h x w picture of a class: its colour, stripes of its frequency, a disc placed at random."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:h, 0:w]
+    stripes = (np.sin(xx * freq * np.pi / w) * 60).astype(np.int16)
+    img = np.clip(colour[None, None, :] + stripes[..., None], 0, 255).astype(np.uint8)
+    cy, cx, r = int(rng.integers(0, h)), int(rng.integers(0, w)), int(rng.integers(6, 20))
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 255 - colour
+    return img
 
 
 class RaySampler(threading.Thread):

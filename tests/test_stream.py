@@ -43,7 +43,7 @@ def test_mixed_sizes_resize_shorter_side_crop_or_square(tmp_path):
     with pytest.raises(ValueError, match="pack.size"):
         pack_files(src, tmp_path / "none", "train", progress=False)  # mixed sizes need a size
     idx = pack_files(src, tmp_path / "crop", "train", size=16, progress=False)
-    assert idx["image_size"] == 16 and idx["resize"] == {"size": 16, "mode": "shorter"} and idx["channels"] == 3
+    assert idx["image_size"] == 16 and idx["resize"] == {"size": 16, "mode": "shorter", "jpeg_draft": True} and idx["channels"] == 3
     crop = PackedReader(tmp_path / "crop", "train").load_class(0)
     assert crop.shape == (2, 3, 16, 16) and crop[1].float().mean() > 245  # the centre crop: the white third
     pack_files(src, tmp_path / "square", "train", size=16, resize="square", progress=False)
@@ -186,4 +186,41 @@ def test_pack_task_on_imagenet_layout(tmp_path):
     tr, te = PackedReader(tmp_path / "packed", "train"), PackedReader(tmp_path / "packed", "test")
     assert tr.index["counts"] == [2, 2, 2] and te.index["counts"] == [1, 1, 2]
     assert te.index["mean"] == tr.index["mean"]  # the test split records the train statistics
-    assert tr.index["resize"] == {"size": 16, "mode": "shorter"}
+    assert tr.index["resize"] == {"size": 16, "mode": "shorter", "jpeg_draft": True}
+
+
+def test_jpeg_draft_decodes_large_jpegs_at_reduced_scale(tmp_path):
+    """A 500 x 375 JPEG (ImageNet's usual size) to 64 px: the draft decode reads a reduced DCT
+    scale (pixels close to, not equal to, a full decode); a PNG decodes the same either way;
+    and a pack records the choice, so changing pack.jpeg_draft repacks."""
+    from dream_dist.data.folder import decode_image
+    from dream_dist.run import main
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500]
+    img = np.stack([(xx * 255 // 500), (yy * 255 // 375), np.full_like(xx, 90)], -1).astype(np.uint8)
+    img[150:230, 200:300] = rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    Image.fromarray(img).save(tmp_path / "src" / "a" / "big.jpg", quality=90)
+    Image.fromarray(img).save(tmp_path / "src" / "a" / "big.png")
+    with Image.open(tmp_path / "src" / "a" / "big.jpg") as im:
+        im.draft("RGB", (64, 64))
+        assert im.size == (125, 94)  # 1/4 scale: the largest reduction that keeps both sides >= 64
+    jd, jf = (decode_image(tmp_path / "src" / "a" / "big.jpg", size=64, resize="shorter", jpeg_draft=d) for d in (1, 0))
+    pd, pf = (decode_image(tmp_path / "src" / "a" / "big.png", size=64, resize="shorter", jpeg_draft=d) for d in (1, 0))
+    assert jd.shape == jf.shape == (3, 64, 64) and np.array_equal(pd, pf)
+    diff = np.abs(jd.astype(int) - jf.astype(int))
+    assert diff.max() > 0 and diff.mean() < 6  # a different, close picture
+    assert np.abs(jf.astype(int) - pf.astype(int)).mean() < 6  # the full decode matches the PNG's
+
+    args = ["task=pack", "dataset=imagefolder", f"dataset.root={tmp_path / 'src'}", f"pack.out={tmp_path}/p",
+            "pack.size=64", "progress=false"]
+    main(args)
+    first = PackedReader(tmp_path / "p", "train").load_class(0)
+    main([*args, "pack.jpeg_draft=false"])
+    full = PackedReader(tmp_path / "p", "train")
+    assert full.index["resize"]["jpeg_draft"] is False
+    got = full.load_class(0)
+    order = sorted(p.name for p in (tmp_path / "src" / "a").iterdir())  # big.jpg, big.png
+    j = order.index("big.jpg")
+    assert torch.equal(got[j], torch.from_numpy(jf.copy())) and torch.equal(first[j], torch.from_numpy(jd.copy()))

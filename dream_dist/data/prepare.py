@@ -82,14 +82,14 @@ def _ensure_packed_files(cfg, mapper=None) -> Path:
     """Image-file sources: streamed class by class (bounded memory, resumable, optionally on
     Ray tasks); a split is reused when its index records the same files and resize."""
     from dream_dist.data.shards import index_path
-    from dream_dist.data.stream import FILE_SOURCES, pack_files
+    from dream_dist.data.stream import FILE_SOURCES, pack_files, resize_record
 
     name, p = cfg.dataset.name, cfg.pack
     root = cfg.dataset.root if cfg.dataset.root is not None else default_root(name)
     if root is None:
         raise ConfigError(f"dataset.root: dataset {name!r} needs dataset.root=<directory>")
     out = Path(p.out)
-    want = {"size": p.size, "mode": p.resize if p.size is not None else None}
+    want = resize_record(p.size, p.resize, p.jpeg_draft)
     mean_std = None
     for split in ("train", "test"):
         src = FILE_SOURCES[name](root, split)
@@ -97,7 +97,8 @@ def _ensure_packed_files(cfg, mapper=None) -> Path:
         index = json.loads(idx.read_text()) if idx.exists() else {}
         if not (index.get("source_fingerprint") == src.fingerprint() and index.get("resize") == want
                 and index.get("encoding") == p.encoding):
-            index = pack_files(src, out, split, size=p.size, resize=p.resize, encoding=p.encoding,
+            index = pack_files(src, out, split, size=p.size, resize=p.resize, jpeg_draft=p.jpeg_draft,
+                               encoding=p.encoding,
                                max_per_shard=p.max_per_shard, mean_std=mean_std, mapper=mapper,
                                progress=cfg.progress, on_corrupt=cfg.dataset.on_corrupt)
         mean_std = (index["mean"], index["std"])  # the test split records the train statistics

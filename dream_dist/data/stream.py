@@ -14,8 +14,9 @@ shard's worth of decoded images (`max_per_shard`):
   `ILSVRC2012_validation_ground_truth.txt` + `meta.mat`. Class order: a synset list
   (`LOC_synset_mapping.txt`, one `<wnid> <words>` per line) when present, else sorted wnids.
 - Resize (`size`, `resize`): "shorter" scales the shorter side to `size` and centre-crops a
-  square (ImageNet's usual preparation); "square" stretches to size x size. Recorded in the
-  index under "resize".
+  square (ImageNet's usual preparation); "square" stretches to size x size. Large JPEGs are
+  decoded at a reduced DCT scale first (`jpeg_draft`, see folder.decode_image). Recorded in
+  the index under "resize".
 - Resumable: after every class, `index-<split>.partial.json` records the finished classes
   (their shards, counts and pixel sums). A rerun with the same settings keeps those shards
   and packs only the rest; the final index replaces the partial one atomically.
@@ -138,7 +139,7 @@ FILE_SOURCES = {"imagefolder": imagefolder_source, "imagenet": imagenet_source, 
 
 
 def pack_class(files: list[Path], c: int, out: str | Path, split: str, size: int | None, resize: str,
-               mode: str, encoding: str, max_per_shard: int, on_corrupt: str = "error") -> dict:
+               mode: str, encoding: str, max_per_shard: int, on_corrupt: str = "error", jpeg_draft: bool = True) -> dict:
     """Pack one class: decode `max_per_shard` files at a time, write its shards. Returns its
     index entry with float64 pixel sums (for the mean/std) and the skipped files.
     The same function runs in process and as a Ray task, so both write the same bytes."""
@@ -156,7 +157,7 @@ def pack_class(files: list[Path], c: int, out: str | Path, split: str, size: int
         chunk = []
         for p in files[start: start + max_per_shard]:
             try:
-                img = decode_image(p, mode, size, resize)
+                img = decode_image(p, mode, size, resize, jpeg_draft)
             except DataError:
                 if on_corrupt == "error":
                     raise
@@ -189,6 +190,13 @@ def pack_class(files: list[Path], c: int, out: str | Path, split: str, size: int
             "skipped": skipped}
 
 
+def resize_record(size: int | None, resize: str, jpeg_draft: bool) -> dict:
+    """The index's "resize" entry (what the freshness check compares)."""
+    if size is None:
+        return {"size": None, "mode": None}
+    return {"size": size, "mode": resize, "jpeg_draft": jpeg_draft}
+
+
 def _atomic_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
@@ -202,7 +210,7 @@ def _shards_intact(out: Path, entry: dict) -> bool:
 def pack_files(source: FileSource, out: str | Path, split: str, size: int | None = None, resize: str = "shorter",
                mode: str = "RGB", encoding: str = "png", max_per_shard: int = 2000,
                mean_std: tuple[list[float], list[float]] | None = None, mapper=None,
-               progress: bool = True, on_corrupt: str = "error") -> dict:
+               progress: bool = True, on_corrupt: str = "error", jpeg_draft: bool = True) -> dict:
     """Pack `source` class by class into `out` (see the module docstring). Returns the index.
 
     mean_std: the normalisation to record (pass the train split's for the test split);
@@ -219,7 +227,8 @@ def pack_files(source: FileSource, out: str | Path, split: str, size: int | None
     out.mkdir(parents=True, exist_ok=True)
     settings = {"source": source.name, "split": split, "size": size,
                 "resize": resize if size is not None else None, "mode": mode, "encoding": encoding,
-                "max_per_shard": max_per_shard, "on_corrupt": on_corrupt}
+                "max_per_shard": max_per_shard, "on_corrupt": on_corrupt,
+                "jpeg_draft": jpeg_draft if size is not None else None}
     fps = [source.class_fingerprint(c) for c in range(len(source.classes))]
     partial_path = out / f"index-{split}.partial.json"
     index_file = out / f"index-{split}.json"
@@ -250,7 +259,7 @@ def pack_files(source: FileSource, out: str | Path, split: str, size: int | None
         _atomic_json(partial_path, {"settings": settings, "done": done})
         bar.update(1)
 
-    args = (split, size, resize, mode, encoding, max_per_shard, on_corrupt)
+    args = (split, size, resize, mode, encoding, max_per_shard, on_corrupt, jpeg_draft)
     if mapper is not None and todo:
         for c, entry in mapper(pack_class, {c: (source.files[c], c, str(out.resolve()), *args) for c in todo}):
             record(c, entry)
@@ -280,7 +289,7 @@ def pack_files(source: FileSource, out: str | Path, split: str, size: int | None
     index = {
         "format": FORMAT, "version": VERSION, "source": source.name, "split": split,
         "source_fingerprint": source.fingerprint(fps),
-        "resize": {"size": size, "mode": settings["resize"]},
+        "resize": resize_record(size, resize, jpeg_draft),
         "classes": list(source.classes), "num_classes": len(source.classes),
         "counts": [e["count"] for e in entries], "image_size": h, "channels": channels,
         "encoding": encoding, "mean": list(mean_std[0]), "std": list(mean_std[1]),

@@ -234,12 +234,18 @@ def distill_classes(images_of, classes: list[int], observer: nn.Module, mean, st
     """RDED over `classes` in this process, reading each through images_of(c) -> (images
     (IPC·|classes|, C, H, W) normalised, labels, crop scores (|classes|, IPC·f²)), class-major.
     (task=rded runs the same per-class step through the pipeline, on Ray with rded.workers.)"""
-    results = {c: distill_class(images_of(c), c, observer, mean, std, cfg, factor, seed)
-               for c in tqdm(classes, desc="rded classes", disable=None if progress else True)}
+    results = _each_class(images_of, classes, observer, mean, std, cfg, factor, seed, progress)
     images = torch.cat([results[c][0] for c in classes])
     labels = torch.tensor(classes).repeat_interleave(cfg.ipc)
     scores = torch.stack([results[c][1] for c in classes])
     return images, labels, scores
+
+
+def _each_class(images_of, classes, observer, mean, std, cfg: RDEDConfig, factor: int, seed: int,
+                progress: bool) -> dict[int, tuple[Tensor, Tensor]]:
+    """{class: (stitched images, crop scores)}: the one per-class loop (library and pipeline)."""
+    return {c: distill_class(images_of(c), c, observer, mean, std, cfg, factor, seed)
+            for c in tqdm(classes, desc="rded classes", disable=None if progress else True)}
 
 
 # ---------------------------------------------------------------------------- the method
@@ -281,8 +287,8 @@ class RDEDMethod(Method):
         return dataclasses.replace(prep, observer=copy.deepcopy(prep.observer).cpu())  # tasks run on CPU workers
 
     def distill_group(self, cfg, prep: RDEDPrep, classes, images_of, progress: bool = False) -> dict:
-        return {c: distill_class(images_of(c), c, prep.observer, prep.mean, prep.std, cfg.rded, prep.factor, cfg.seed)
-                for c in tqdm(classes, desc="rded classes", disable=None if progress else True)}
+        return _each_class(images_of, classes, prep.observer, prep.mean, prep.std, cfg.rded, prep.factor, cfg.seed,
+                           progress)
 
     def assemble(self, cfg, prep: RDEDPrep, data, parts: dict, out: Path):
         from torch.utils.tensorboard import SummaryWriter
