@@ -56,8 +56,8 @@ class PackConfig:
     """How `size` is reached: shorter (shorter side to size, centre crop) or square (stretch)."""
     jpeg_draft: bool = True
     """With `size`: decode JPEGs of at least 2 x size at libjpeg's reduced DCT scale (1/2, 1/4
-    or 1/8, never below size) before the resize: several times faster on ImageNet-sized
-    files, slightly different pixels from a full decode (false = full decode)."""
+    or 1/8, never below size) before the resize: about half the decode time of an
+    ImageNet-sized photo, slightly different pixels from a full decode (false = full decode)."""
     workers: int = 0
     """Image-file sources: 0 = pack in this process; N = classes fan out to N Ray tasks at a
     time (same bytes; `pack.out` must be storage every node sees)."""
