@@ -78,8 +78,11 @@ def test_an_interrupted_pack_resumes_and_keeps_finished_shards(tmp_path, monkeyp
     monkeypatch.setattr(stream, "pack_class", crash_on_class_2)
     with pytest.raises(KeyboardInterrupt):
         pack_files(src, tmp_path / "out", "train", size=16, max_per_shard=2, progress=False)
-    partial = json.loads((tmp_path / "out" / "index-train.partial.json").read_text())
-    assert sorted(partial["done"]) == ["0", "1"] and not (tmp_path / "out" / "index-train.json").exists()
+    journal = (tmp_path / "out" / "index-train.partial.jsonl").read_text().splitlines()
+    assert [json.loads(line)["class"] for line in journal[1:]] == ["0", "1"]  # one line per finished class
+    assert not (tmp_path / "out" / "index-train.json").exists()
+    with open(tmp_path / "out" / "index-train.partial.jsonl", "a") as f:
+        f.write('{"class": "2", "entry": {"shar')  # a crash in the middle of writing a line
     kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("train-c0000[01]-*.tar")}
     again = pack_files(src, tmp_path / "out", "train", size=16, max_per_shard=2, progress=False)
     assert calls == [0, 1, 2, 2, 3]  # classes 0 and 1 were not packed again

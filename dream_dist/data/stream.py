@@ -17,9 +17,11 @@ shard's worth of decoded images (`max_per_shard`):
   square (ImageNet's usual preparation); "square" stretches to size x size. Large JPEGs are
   decoded at a reduced DCT scale first (`jpeg_draft`, see folder.decode_image). Recorded in
   the index under "resize".
-- Resumable: after every class, `index-<split>.partial.json` records the finished classes
-  (their shards, counts and pixel sums). A rerun with the same settings keeps those shards
-  and packs only the rest; the final index replaces the partial one atomically.
+- Resumable: after every class, one line is appended to the journal
+  `index-<split>.partial.jsonl` (its first line the settings, then one finished class per
+  line: shards, counts, pixel sums), so recording a class costs the same at class 1000 as at
+  class 1. A rerun with the same settings keeps those shards and packs only the rest (a line
+  cut short by a crash is ignored); the final index replaces the journal.
 - Incremental: every class records a fingerprint of its own files (names, sizes, mtimes) in
   the index. When the source changes, a rerun repacks only the classes whose files changed
   and keeps the others' shards (`FileSource.class_fingerprint`).
@@ -203,6 +205,26 @@ def _atomic_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _read_journal(path: Path) -> tuple[dict, dict] | None:
+    """(settings, {class: entry}) of an interrupted pack's journal; None when there is none. A
+    last line cut short by a crash is ignored (its class is packed again)."""
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()
+    try:
+        settings = json.loads(lines[0])["settings"]
+    except (IndexError, ValueError, KeyError):
+        return None
+    done = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            break
+        done[rec["class"]] = rec["entry"]
+    return settings, done
+
+
 def _shards_intact(out: Path, entry: dict) -> bool:
     return all((out / e["file"]).exists() and (out / e["file"]).stat().st_size == e["bytes"] for e in entry["shards"])
 
@@ -230,7 +252,7 @@ def pack_files(source: FileSource, out: str | Path, split: str, size: int | None
                 "max_per_shard": max_per_shard, "on_corrupt": on_corrupt,
                 "jpeg_draft": jpeg_draft if size is not None else None}
     fps = [source.class_fingerprint(c) for c in range(len(source.classes))]
-    partial_path = out / f"index-{split}.partial.json"
+    partial_path = out / f"index-{split}.partial.jsonl"
     index_file = out / f"index-{split}.json"
 
     def reusable(entries: dict) -> dict:
@@ -243,10 +265,9 @@ def pack_files(source: FileSource, out: str | Path, split: str, size: int | None
         state = json.loads(index_file.read_text())
         if state.get("settings") == settings:
             done.update(reusable({c: {**e, "shards": state["shards"][c]} for c, e in state.get("packed", {}).items()}))
-    if partial_path.exists():  # an interrupted pack
-        state = json.loads(partial_path.read_text())
-        if state.get("settings") == settings:
-            done.update(reusable(state["done"]))
+    journal = _read_journal(partial_path)  # an interrupted pack
+    if journal is not None and journal[0] == settings:
+        done.update(reusable(journal[1]))
     if done:
         log.warning("%s: %d of %d classes already packed and unchanged; packing the rest", out, len(done),
                     len(source.classes))
@@ -254,19 +275,30 @@ def pack_files(source: FileSource, out: str | Path, split: str, size: int | None
     bar = tqdm(total=len(source.classes), initial=len(done), desc=f"pack {source.name}/{split}", unit="class",
                disable=not progress)
 
+    # The journal restarts with what is reusable now, then grows by one line per class.
+    with open(partial_path, "w") as f:
+        f.write(json.dumps({"settings": settings}) + "\n")
+        f.writelines(json.dumps({"class": c, "entry": e}) + "\n" for c, e in done.items())
+    sink = open(partial_path, "a")
+
     def record(c: int, entry: dict) -> None:
         done[str(c)] = {**entry, "fingerprint": fps[c]}
-        _atomic_json(partial_path, {"settings": settings, "done": done})
+        sink.write(json.dumps({"class": str(c), "entry": done[str(c)]}) + "\n")
+        sink.flush()
+        os.fsync(sink.fileno())
         bar.update(1)
 
     args = (split, size, resize, mode, encoding, max_per_shard, on_corrupt, jpeg_draft)
-    if mapper is not None and todo:
-        for c, entry in mapper(pack_class, {c: (source.files[c], c, str(out.resolve()), *args) for c in todo}):
-            record(c, entry)
-    else:
-        for c in todo:
-            record(c, pack_class(source.files[c], c, out, *args))
-    bar.close()
+    try:
+        if mapper is not None and todo:
+            for c, entry in mapper(pack_class, {c: (source.files[c], c, str(out.resolve()), *args) for c in todo}):
+                record(c, entry)
+        else:
+            for c in todo:
+                record(c, pack_class(source.files[c], c, out, *args))
+    finally:
+        sink.close()
+        bar.close()
 
     entries = [done[str(c)] for c in range(len(source.classes))]
     shapes = {tuple(e["shape"]) for e in entries if e["shape"]}
