@@ -227,6 +227,7 @@ def run_table(args) -> None:
     rows, sets = [], {}
     for what in RUNS:
         run_dir = REPO / "outputs" / "scale_stress" / "runs" / what.replace(" ", "_").replace("/", "-").replace(",", "")
+        shutil.rmtree(run_dir, ignore_errors=True)  # every run fresh
         cmd = [sys.executable, __file__, "--phase", "run-one", "--what", what, "--out", str(packed),
                "--root", str(args.root),
                "--run-dir", str(run_dir), "--decoded-mb", str(decoded_mb)]

@@ -89,6 +89,24 @@ def test_killed_worker_recovers_to_the_same_set(local_ray, tmp_path):
     assert torch.equal(labels, ref.labels)
 
 
+def test_an_earlier_ray_run_in_the_same_storage_is_refused_or_replaced(local_ray, reference, tmp_path):
+    """Ray Train restores from any earlier run under the same storage and name. An earlier run
+    on other classes: distill.resume=true is refused with the reason (not a KeyError deep in a
+    worker), and a run without it starts fresh and gives the uninterrupted set."""
+    from dream_dist.distributed.train import distill_on_ray
+    from dream_dist.methods import METHODS
+
+    args, ref = reference
+    storage = tmp_path / "ray"
+    distill_on_ray(compose([*args, "dataset.classes=[0,1,2,3]"]), METHODS["distill"], num_workers=2, storage=storage)
+    with pytest.raises(Exception, match="other classes"):
+        distill_on_ray(compose([*args, "distill.resume=true"]), METHODS["distill"], num_workers=2, storage=storage)
+    images, labels, result = distill_on_ray(compose(args), METHODS["distill"], num_workers=2, storage=storage)
+    assert result.metrics["resumed_from"] == 0
+    assert torch.equal(labels, ref.labels)
+    torch.testing.assert_close(images, ref.images, rtol=1e-5, atol=1e-5)
+
+
 def test_cli_dispatches_to_ray_workers(local_ray, reference, tmp_path):
     """`distill.workers=2` runs the CLI's distill task on Ray: same set, same outputs."""
     from dream_dist import load_distilled

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 
 from dream_dist.distributed import ensure_ray
+
+RUN_NAME = "distill"  # the Ray Train run under <storage>: what a resumed run restores
 from dream_dist.errors import CheckpointError, ConfigError
 
 
@@ -152,6 +155,13 @@ def distill_on_ray(cfg, method, num_workers: int, max_failures: int = 0, storage
         prep = method.prepare(cfg, data, Path(cfg.out_dir))
     ensure_ray()
     storage = Path(storage or Path(cfg.out_dir) / "ray").resolve()
+    earlier = storage / RUN_NAME
+    if earlier.exists() and not cfg.distill.resume:
+        # Ray Train restores from any earlier run under the same storage and name. As in process,
+        # a run without distill.resume starts fresh and replaces that state (its sets are files
+        # of their own); with distill.resume=true it continues, refused if it does not match.
+        print(f"distill.resume=false: a fresh run; replacing the earlier Ray run state in {earlier}")
+        shutil.rmtree(earlier)
     use_gpu = cfg.device.startswith("cuda")
     budget = method.memory_budget_mb(cfg)
     trainer = TorchTrainer(
@@ -164,7 +174,7 @@ def distill_on_ray(cfg, method, num_workers: int, max_failures: int = 0, storage
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      # A worker runs cfg.threads torch threads: reserve them.
                                      resources_per_worker={"CPU": cfg.threads or 1}),
-        run_config=RunConfig(name="distill", storage_path=str(storage),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()

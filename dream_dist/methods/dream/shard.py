@@ -25,7 +25,7 @@ from dream_dist.training import extract_features
 from dream_dist.data.base import normalize
 from dream_dist.methods.dream.config import DistillConfig
 from dream_dist.methods.dream.matching import match_loss
-from dream_dist.errors import DataError
+from dream_dist.errors import CheckpointError, DataError
 from dream_dist.formation import decode, tile
 from dream_dist.seeding import (CLUSTER, DSA_DRAW, NET_AUG, NET_BATCH, POOL, REAL_BATCH,
                                 SYN_INIT, SYN_SUBSAMPLE, derive_seed, generator)
@@ -332,6 +332,11 @@ class ClassShard:
                     "selected": self.selected.get(c)} for c in self.classes}
 
     def load_state_dict(self, state: Mapping[int, dict]) -> None:
+        missing = [c for c in self.classes if c not in state]
+        if missing:
+            raise CheckpointError(f"the checkpoint holds no state for classes {missing[:10]}"
+                                  f"{' ...' if len(missing) > 10 else ''} ({len(missing)} of this shard's "
+                                  f"{len(self.classes)}): it was written by a run on other classes")
         for c in self.classes:
             s = state[c]
             self.syn[c] = s["syn"].to(self.device).requires_grad_(True)
