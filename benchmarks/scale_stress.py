@@ -225,8 +225,16 @@ def run_table(args) -> None:
     index = json.loads((packed / "index-train.json").read_text())
     decoded_mb = sum(index["counts"]) * index["channels"] * index["image_size"] ** 2 / 2**20
     rows, sets = [], {}
+    earlier = {}
+    if args.only:  # rerun these; keep the other rows (and their run directories) of the last table
+        earlier = {r["run"]: r for r in json.loads((REPO / "docs" / "results" / "scale_stress_run.json").read_text())["rows"]}
     for what in RUNS:
         run_dir = REPO / "outputs" / "scale_stress" / "runs" / what.replace(" ", "_").replace("/", "-").replace(",", "")
+        if args.only and what not in args.only:
+            rows.append(earlier[what])
+            if what.startswith("dream_plus"):
+                sets[what] = torch.load(run_dir / "distilled.pt", weights_only=True)["images"]
+            continue
         shutil.rmtree(run_dir, ignore_errors=True)  # every run fresh
         cmd = [sys.executable, __file__, "--phase", "run-one", "--what", what, "--out", str(packed),
                "--root", str(args.root),
@@ -264,6 +272,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--test-per-class", type=int, default=10)
     ap.add_argument("--what", choices=list(RUNS))
+    ap.add_argument("--only", nargs="+", choices=list(RUNS), help="run phase: rerun these rows, keep the others")
     ap.add_argument("--run-dir", type=Path)
     ap.add_argument("--decoded-mb", type=float)
     args = ap.parse_args()
