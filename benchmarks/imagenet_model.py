@@ -146,7 +146,7 @@ def _num(v) -> float | None:
     return None if v in (None, "", "-") else float(str(v).split()[0])
 
 
-def data_path(args) -> tuple[str, dict] | None:
+def data_path() -> tuple[str, dict] | None:
     """The ImageNet-1K data path from the stress-set measurements (None when they are absent)."""
     from scale_stress import DREAM
 
@@ -279,7 +279,7 @@ def main() -> None:
         f"ASSUMED: {args.gpu_tflops:.0f} TFLOP/s sustained per GPU on the matching passes, {args.bus_gbs:.0f} GB/s "
         f"all-reduce bus bandwidth ({args.slow_bus_gbs:.0f} GB/s for efficiency_slow_bus), {args.net_syncs} network all-reduces (float64) per inner step, "
         f"{args.cache_gb:.0f} GB ClassCache per worker (classes beyond it stream from their shards).")
-    data = data_path(args)
+    data = data_path()
     if data is not None:
         table += data[0]
     save(args.name, {"rows": rows, "args": vars(args), "inputs": {

@@ -36,7 +36,8 @@ def decode_image(path: Path, mode: str = "RGB", size: int | None = None, resize:
     jpeg_draft (with `size`): a JPEG at least twice `size` on both sides is decoded by libjpeg
     at 1/2, 1/4 or 1/8 scale (its DCT scaling; PIL's `draft`), never below `size`, and then
     resized: about half the decode time of a 500 x 375 photo at size 64 (benchmarks/
-    imagenet_model.py), slightly different pixels from a full decode. Other formats, and JPEGs under 2 x size, decode the same either way."""
+    imagenet_model.py), slightly different pixels from a full decode. Other formats, and
+    JPEGs under 2 x size, decode the same either way."""
     from PIL import Image
 
     try:

@@ -276,10 +276,11 @@ def pack_files(source: FileSource, out: str | Path, split: str, size: int | None
                disable=not progress)
 
     # The journal restarts with what is reusable now, then grows by one line per class.
-    with open(partial_path, "w") as f:
-        f.write(json.dumps({"settings": settings}) + "\n")
-        f.writelines(json.dumps({"class": c, "entry": e}) + "\n" for c, e in done.items())
-    sink = open(partial_path, "a")
+    sink = open(partial_path, "w")  # noqa: SIM115 - closed in the finally below
+    sink.write(json.dumps({"settings": settings}) + "\n")
+    sink.writelines(json.dumps({"class": c, "entry": e}) + "\n" for c, e in done.items())
+    sink.flush()  # on disk before any packing: a crash now keeps what an earlier journal held
+    os.fsync(sink.fileno())
 
     def record(c: int, entry: dict) -> None:
         done[str(c)] = {**entry, "fingerprint": fps[c]}

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from dream_dist.distributed import ensure_ray
+from dream_dist.errors import CheckpointError, ConfigError
 
 RUN_NAME = "distill"  # the Ray Train run under <storage>: what a resumed run restores
-from dream_dist.errors import CheckpointError, ConfigError
 
 
 def _load_merged(ckpt_dir: str, load=None) -> dict:
