@@ -55,13 +55,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def run_name(args) -> str:
+    pool = f"_pool{args.cluster_pool}" if args.cluster_pool else ""
+    return f"{args.method}{pool}_s{args.seed}"
+
+
 def distill(args) -> None:
-    d_out = out_dir(args.dataset) / f"{args.method}_s{args.seed}"
+    d_out = out_dir(args.dataset) / run_name(args)
     d_out.mkdir(parents=True, exist_ok=True)
     train = load_dataset(args.dataset, "train")
     mean, std = train.mean_std()
     real = {c: train.of_class(c) for c in range(train.num_classes)}
-    cfg = preset(args.method, ipc=args.ipc, iterations=1, inner_steps=args.steps).resolved(args.dataset, train.size)
+    extra = {"cluster_pool": args.cluster_pool} if args.cluster_pool else {}
+    cfg = preset(args.method, ipc=args.ipc, iterations=1, inner_steps=args.steps,
+                 **extra).resolved(args.dataset, train.size)
     d = Distiller(cfg, [ClassShard(list(range(train.num_classes)), real, cfg, mean, std, train.num_classes,
                                    seed=args.seed)],
                   train.counts(), train.channels, train.size, seed=args.seed, progress=True)
@@ -84,11 +91,14 @@ def distill(args) -> None:
                   mean_step_seconds=sum(h["time/step"] for h in hist) / max(1, len(hist)),
                   cluster_share=clus / max(1e-9, sum(h["time/step"] for h in hist)),
                   loss=[(h["step"], h.get("loss/total")) for h in hist])
-    (d_out / "distill.json").write_text(json.dumps(record, indent=2, default=str))
+    # A shortened rerun (--steps below 100, e.g. to recreate the step-0 snapshot of a run whose files
+    # were lost) records beside the full run's record instead of replacing it.
+    name = "distill.json" if args.steps == 100 else f"distill_upto{args.steps}.json"
+    (d_out / name).write_text(json.dumps(record, indent=2, default=str))
 
 
 def evaluate_snapshot(args) -> None:
-    d_out = out_dir(args.dataset) / f"{args.method}_s{args.seed}"
+    d_out = out_dir(args.dataset) / run_name(args)
     snap = torch.load(d_out / f"step{args.step:04d}.pt", weights_only=True)
     test = load_dataset(args.dataset, "test")
     cfg = EvalConfig.preset("idc", runs=args.runs, seed=args.seed, epochs=args.epochs, curve_every=100)
@@ -111,19 +121,24 @@ def table(args) -> None:
             e = json.loads(f.read_text())
             evals[int(f.stem.replace("eval_step", ""))] = e
         payload["runs"][run.name] = {"distill": {k: v for k, v in rec.items() if k != "loss"}, "evals": evals}
+        pool = rec["config"].get("cluster_pool")
+        label = rec["method"] + (f" pool {pool}" if pool else "")
         for s, snap in sorted(rec["snapshots"].items(), key=lambda kv: int(kv[0])):
             e = evals.get(int(s))
-            rows.append({"method": rec["method"], "seed": rec["seed"], "step": s,
+            rows.append({"method": label, "seed": rec["seed"], "step": s,
                          "wall min (from start)": f"{snap['wall_seconds'] / 60:.1f}",
                          "peak RSS GB": f"{rec['peak_rss_mb'] / 1024:.2f}",
                          "threads": rec["threads"],
+                         "clustering % of steps": (f"{100 * rec['cluster_share']:.0f}"
+                                                   if rec["config"].get("selection") == "representative" else "-"),
                          "acc % (IDC protocol, last epoch)": f"{e['mean']:.2f}" if e else "not evaluated",
                          "acc every 100 epochs": " ".join(f"{a:.1f}" for _, a in e["curves"][0]) if e else ""})
     seeds100 = {}
     for name, r in payload["runs"].items():
         e = r["evals"].get(100)
         if e:
-            seeds100.setdefault(r["distill"]["method"], []).append(e["mean"])
+            pool = r["distill"]["config"].get("cluster_pool")
+            seeds100.setdefault(r["distill"]["method"] + (f" pool {pool}" if pool else ""), []).append(e["mean"])
     summary = []
     for m, accs in seeds100.items():
         t = torch.tensor(accs, dtype=torch.float64)
@@ -131,7 +146,7 @@ def table(args) -> None:
                         "acc std": f"{t.std():.2f}" if len(accs) > 1 else "-"})
     ref = REFERENCE.get(args.dataset)
     text = ("Time to accuracy, " + args.dataset + " IPC 10, f = 2, ConvNet-3 w128, 1 x 100 inner steps, "
-            "whole-class clustering, full one-epoch init; each snapshot evaluated once with the IDC protocol "
+            "whole-class clustering unless a pool is named, full one-epoch init; each snapshot evaluated once with the IDC protocol "
             "(1000 epochs, batch 64, last epoch).\n\n" + markdown(rows, list(rows[0]) if rows else ["method"])
             + "\n\n" + (markdown(summary, list(summary[0])) if summary else "")
             + (f"\n\nReference (public DREAM+ code, this machine, seed 1, step 100): {ref['accuracy']} % in "
@@ -181,6 +196,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1000, help="eval phase: 1000 = the IDC protocol")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cluster-pool", type=int, default=None,
+                    help="cluster a seeded random pool of this many images per class instead of the whole "
+                         "class (issue 9 item 5); the run is recorded as <method>_pool<N>_s<seed>")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
