@@ -78,7 +78,10 @@ def _decode(data: bytes, encoding: str, channels: int) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as im:
         arr = np.asarray(im, dtype=np.uint8)
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    # Contiguous (C, H, W): a transposed view would make whole-class loads channels-last in
+    # memory while per-sample reads are not, and the two layouts take different conv kernels
+    # (different float rounding), so the distilled set depended on the cache (issue 21).
+    arr = arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
     if arr.shape[0] != channels:
         raise DataError(f"decoded {arr.shape[0]} channels, index says {channels}")
     return arr

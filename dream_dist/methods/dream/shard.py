@@ -63,7 +63,10 @@ def take(real, c: int, idx: Tensor) -> Tensor:
     """Real images `idx` of class `c` from a ClassCache (per-sample reads when the class is
     over the memory budget) or from a plain {class: uint8 tensor} mapping."""
     getter = getattr(real, "take", None)
-    return getter(c, idx) if getter is not None else real.get(c)[idx]
+    x = getter(c, idx) if getter is not None else real.get(c)[idx]
+    # One memory layout whatever the source: a channels-last batch takes other conv kernels
+    # than a contiguous one (other rounding), which changed the set with the cache (issue 21).
+    return x.contiguous()
 
 class ClassShard:
     def __init__(
