@@ -13,6 +13,7 @@ import torch
 from dream_dist.data import load_dataset
 from dream_dist.data.idx import IDXError, read_idx
 from dream_dist.data.shards import ClassCache, PackedReader, ShardError, pack
+from dream_dist.errors import ConfigError
 
 
 def test_digits_split_is_fixed_and_disjoint(digits):
@@ -225,13 +226,20 @@ def test_class_cache_respects_budget_and_streams_again(packed_mnist):
     one_class = src.counts()[0] * 28 * 28
     cache = ClassCache(reader, budget_bytes=int(one_class * 1.5))
     a = cache.get(0)
-    assert cache.get(0) is a and cache.reads == 1  # cached
-    cache.get(1)  # evicts class 0 (budget fits ~1 class)
-    assert cache.used <= cache.budget
-    b = cache.get(0)
-    assert cache.reads == 3 and torch.equal(a, b)  # streamed again, same pixels
+    assert cache.get(0) is a and cache.reads == 1  # resident
+    assert torch.equal(cache.get(1), src.of_class(1)) and cache.reads == 2  # does not fit: read, not kept
+    cache.get(1)
+    assert cache.reads == 3 and cache.get(0) is a and cache.used <= cache.budget  # class 0 never evicted
+    assert cache.resident(0) and not cache.resident(1)
+    lru = ClassCache(reader, budget_bytes=int(one_class * 1.5), policy="lru")
+    a = lru.get(0)
+    lru.get(1)  # evicts class 0 (the budget fits ~1 class)
+    b = lru.get(0)
+    assert lru.reads == 3 and torch.equal(a, b) and lru.used <= lru.budget  # read again, same pixels
     tiny = ClassCache(reader, budget_bytes=10)  # nothing fits: always streams, never fails
     assert torch.equal(tiny.get(5), src.of_class(5)) and tiny.used == 0
+    with pytest.raises(ConfigError, match="cache_policy"):
+        ClassCache(reader, 10, policy="fifo")
 
 
 def test_pack_cifar_imagefolder_and_repack_of_packed(tmp_path):

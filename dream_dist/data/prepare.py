@@ -212,4 +212,4 @@ def open_data(cfg, memory_budget_mb: float | None = None, mapper=None) -> Opened
     budget = memory_budget_mb if memory_budget_mb is not None else cfg.distill.memory_budget_mb
     mean, std = reader.mean_std
     return OpenedData(root, reader, test_reader, classes, list(reader.index["counts"]), list(mean), list(std),
-                      ClassCache(reader, budget * 2**20), cfg.dataset.classes)
+                      ClassCache(reader, budget * 2**20, cfg.distill.cache_policy), cfg.dataset.classes)

@@ -290,10 +290,12 @@ class PackedReader:
             return self.load_class(c)[torch.tensor(idx)]
         starts = np.cumsum([0] + [e["count"] for e in entries])
         n = int(starts[-1])
-        out = np.empty((len(idx), ch, s, s), dtype=np.uint8)
+        # Each distinct sample once, in file order (a batch drawn with replacement repeats some).
+        wanted, inverse = np.unique(np.asarray(idx, dtype=np.int64), return_inverse=True)
+        out = np.empty((len(wanted), ch, s, s), dtype=np.uint8)
         handles: dict[int, object] = {}
         try:
-            for j, i in enumerate(idx):
+            for j, i in enumerate(wanted.tolist()):
                 if not 0 <= i < n:
                     raise IndexError(f"sample {i} of class {c} out of range [0, {n})")
                 k = int(np.searchsorted(starts, i, side="right") - 1)
@@ -317,7 +319,7 @@ class PackedReader:
         finally:
             for f in handles.values():
                 f.close()
-        return torch.from_numpy(out)
+        return torch.from_numpy(out[inverse.reshape(-1)])
 
     def load_class(self, c: int) -> torch.Tensor:
         """All images of class `c` as uint8 (n, C, H, W)."""
@@ -343,27 +345,110 @@ class PackedReader:
         return ImageSet(images, labels, list(self.classes))
 
 
-class ClassCache:
-    """Decoded uint8 images per class, kept within a memory budget (LRU).
+CACHE_POLICIES = ("resident", "lru")
 
-    A class that does not fit is not cached: it is streamed from its shards again on the
-    next request, so an over-budget worker gets slower instead of failing.
+
+class ClassCache:
+    """Decoded uint8 images per class, within a memory budget.
+
+    policy "resident" (default, scan-resistant): the first classes requested that fit the
+    budget stay resident for the whole run; every other class is never held whole. Its
+    samples are read per sample by offset (`take`), and a whole-class pass streams it in
+    chunks (`stream`). A worker visits all its classes every step, which is LRU's worst case:
+    under LRU each class is evicted just before its next visit, so every visit re-reads whole
+    classes. policy "lru" keeps that behaviour, as the benchmark's baseline.
+
+    Bytes are counted per period (the engine opens one per step, `new_period`): `bytes_read`,
+    what was read from the shards, and `min_bytes`, the least any policy that keeps the same
+    resident classes must read: the distinct samples of the non-resident classes that the
+    period used, plus each resident class once, when it is first loaded.
     """
 
-    def __init__(self, reader: PackedReader, budget_bytes: int):
+    def __init__(self, reader: PackedReader, budget_bytes: int, policy: str = "resident"):
+        if policy not in CACHE_POLICIES:
+            raise ConfigError(f"distill.cache_policy: unknown {policy!r}; choose one of {', '.join(CACHE_POLICIES)}")
         self.reader = reader
         self.budget = int(budget_bytes)
+        self.policy = policy
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self.used = 0
-        self.reads = 0  # shard passes, for diagnostics
+        self._resident: dict[int, bool] = {}  # policy "resident": the decision per class, once
+        self.used = 0  # bytes held (lru) or reserved for the resident classes
+        self.reads = 0  # whole-class shard passes, for diagnostics
+        self.min_bytes = 0
+        self._seen: dict[int, set[int]] = {}  # this period's non-resident samples, per class
+
+    # ------------------------------------------------------------------ accounting
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read
+
+    def new_period(self) -> None:
+        """Start a new accounting period (one engine step): samples used again count again."""
+        self._seen = {}
+
+    def _payload(self, c: int) -> list[int]:
+        """Payload bytes of each sample of class c, in sample order (the index's offsets)."""
+        entries = self.reader._entries(c)
+        if all("offsets" in e for e in entries) and self.reader.on_corrupt == "error":
+            return [size for e in entries for _, size in e["offsets"]]
+        per = sum(e["bytes"] for e in entries) / max(1, self.reader.index["counts"][c])
+        return [int(per)] * self.reader.index["counts"][c]  # old packs: whole shards only
+
+    def _need(self, c: int, idx) -> None:
+        seen = self._seen.setdefault(c, set())
+        new = {int(i) for i in (idx.tolist() if torch.is_tensor(idx) else idx)} - seen
+        if new:
+            sizes = self._payload(c)
+            self.min_bytes += sum(sizes[i] for i in new)
+            seen |= new
+
+    # ------------------------------------------------------------------ residency
+
+    def _nbytes(self, c: int) -> int:
+        ix = self.reader.index
+        return ix["counts"][c] * ix["channels"] * ix["image_size"] ** 2
+
+    def resident(self, c: int) -> bool:
+        """Whether class c is (or will be) held whole. policy "resident": decided at the
+        class's first request, for good: it fits in what the classes before it left."""
+        c = int(c)
+        if self.policy == "lru":
+            return c in self._cache or self._nbytes(c) <= self.budget
+        if c not in self._resident:
+            fits = self.used + self._nbytes(c) <= self.budget
+            self._resident[c] = fits
+            self.used += self._nbytes(c) if fits else 0
+        return self._resident[c]
+
+    def _load(self, c: int) -> torch.Tensor:
+        """The whole class, read once: per sample by offset (payload bytes only) when the
+        index has offsets, else its shards."""
+        self.reads += 1
+        n = self.reader.index["counts"][c]
+        if self.reader.on_corrupt == "error" and all("offsets" in e for e in self.reader._entries(c)):
+            return self.reader.read_samples(c, range(n))
+        return self.reader.load_class(c)
 
     def get(self, c: int) -> torch.Tensor:
+        """All images of class c. A non-resident class is read whole and not kept: callers
+        that pass over a whole class should use `stream`."""
         c = int(c)
         if c in self._cache:
-            self._cache.move_to_end(c)
+            if self.policy == "lru":
+                self._cache.move_to_end(c)
             return self._cache[c]
-        x = self.reader.load_class(c)
-        self.reads += 1
+        if self.policy == "resident":
+            keep = self.resident(c)
+            x = self._load(c)
+            if keep:
+                self._cache[c] = x
+                self.min_bytes += sum(self._payload(c))  # each resident class once
+            else:
+                self._need(c, range(len(x)))
+            return x
+        x = self._load(c)
+        self._need(c, range(len(x)))  # the minimum, as for any class LRU does not keep
         size = x.numel()
         if size <= self.budget:
             while self.used + size > self.budget and self._cache:
@@ -374,17 +459,22 @@ class ClassCache:
         return x
 
     def take(self, c: int, idx: torch.Tensor) -> torch.Tensor:
-        """Images `idx` of class `c`: from memory when the class is (or will be) cached; for a
-        class over the budget, only those samples' bytes are read from its shards (a matching
-        step reads its batch, not the class). Same pixels as get(c)[idx]."""
+        """Images `idx` of class c: from memory for a resident class (loaded at its first
+        request), else only those samples' bytes are read from its shards (a matching step
+        reads its batch, not the class). Same pixels as get(c)[idx]."""
         c = int(c)
-        if c in self._cache:
-            self._cache.move_to_end(c)
-            return self._cache[c][idx]
-        ix = self.reader.index
-        if ix["counts"][c] * ix["channels"] * ix["image_size"] ** 2 <= self.budget:
+        if self.resident(c):
             return self.get(c)[idx]
+        self._need(c, idx)
         return self.reader.read_samples(c, idx)
+
+    def stream(self, c: int, idx: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+        """Images `idx` of class c in chunks of `chunk` samples: a whole-class pass over a
+        non-resident class reads each sample once and holds one chunk at a time."""
+        if chunk < 1:
+            raise ValueError("chunk must be >= 1")
+        for part in torch.as_tensor(idx).split(chunk):
+            yield self.take(c, part)
 
 
 def load_packed(root: Path, split: str, classes: list[int] | None = None, on_corrupt: str = "error") -> ImageSet:

@@ -70,7 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
     counts_all = reader.index["counts"]
     classes = cfg.dataset.classes or list(range(len(counts_all)))
     mine = balance_classes(counts_all, world, classes)[rank]
-    cache = ClassCache(reader, config["budget_mb"] * 2**20)
+    cache = ClassCache(reader, config["budget_mb"] * 2**20, cfg.distill.cache_policy)
 
     comm = {"bytes": 0, "seconds": 0.0, "calls": 0}
 
@@ -112,7 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
             last = d.history[-1] if d.history else {}
             ray.train.report({"step": d.global_step, "loss": last.get("loss/total", 0.0),
                               "classes": len(mine), "opened_shards": len(reader.opened),
-                              "bytes_read": getattr(reader, "bytes_read", 0),
+                              "bytes_read": cache.bytes_read, "min_bytes": cache.min_bytes,
                               "resumed_from": resumed_from, "distill_seconds": d.timing["distill"],
                               "startup_seconds": d.timing["startup"],
                               # ru_maxrss is in KiB on Linux: the worker process's peak memory.
@@ -201,6 +201,7 @@ def run_sharded(cfg, method, prep, data, out: Path, workers: int):
     metrics = {"distill_seconds": time.perf_counter() - start, "startup_seconds": 0.0,
                "steps": result.metrics["step"], "peak_rss_mb_rank0": result.metrics.get("peak_rss_mb"),
                "bytes_read_rank0": result.metrics.get("bytes_read"),
+               "min_bytes_rank0": result.metrics.get("min_bytes"),
                # rank 0's own time in the steps (distill_seconds above includes Ray's start-up)
                "steps_seconds_rank0": result.metrics.get("distill_seconds")}
     return sets, metrics

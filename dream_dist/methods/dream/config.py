@@ -379,6 +379,10 @@ class DistillRunConfig:
     memory_budget_mb: float = 4096
     """Decoded real images kept in memory (MB); a class over the budget is not cached: a step
     reads only its batch's samples from the shards (whole-class clustering streams the class)."""
+    cache_policy: str = "resident"
+    """Which classes the memory budget holds: "resident" (the first classes that fit stay for
+    the whole run; the rest are read per sample) or "lru" (least recently used: thrashes once
+    a worker's classes exceed the budget, kept as the benchmark's baseline). Same set either way."""
     workers: int = 0
     """0 = run the class shards in this process; N >= 1 = one class shard on each of N Ray Train
     workers (joins the running cluster when there is one, else starts Ray locally). Same result."""
@@ -403,6 +407,8 @@ class DistillRunConfig:
                 raise ConfigError(f"distill.{name} must be >= 1")
         if not self.memory_budget_mb > 0:
             raise ConfigError(f"distill.memory_budget_mb must be > 0, got {self.memory_budget_mb}")
+        if self.cache_policy not in ("resident", "lru"):
+            raise ConfigError(f"distill.cache_policy: unknown {self.cache_policy!r}; choose one of resident, lru")
         if self.quick_eval_every < 0:
             raise ConfigError("distill.quick_eval_every must be >= 0")
         if self.workers < 0 or self.max_failures < 0:

@@ -208,8 +208,28 @@ class Distiller:
 
     # ------------------------------------------------------------------ main loop
 
+    def _io_begin(self) -> list[tuple[object, int, int]]:
+        """Open an accounting period on every distinct class cache of the shards (one per
+        step): what was read, and the least that had to be (ClassCache.min_bytes)."""
+        marks, seen = [], set()
+        for s in self.shards:
+            src = s.real
+            if id(src) in seen or not hasattr(src, "new_period"):
+                continue
+            seen.add(id(src))
+            src.new_period()
+            marks.append((src, src.bytes_read, src.min_bytes))
+        return marks
+
+    @staticmethod
+    def _io_end(marks: list[tuple[object, int, int]], metrics: dict) -> None:
+        if marks:
+            metrics["io/read_mb"] = sum(src.bytes_read - r for src, r, _ in marks) / 2**20
+            metrics["io/min_mb"] = sum(src.min_bytes - m for src, _, m in marks) / 2**20
+
     def initialize(self) -> None:
         t0 = time.perf_counter()
+        marks = self._io_begin()
         net = opt = None
         if self.cfg.init == "cluster":
             net, opt = self.pretrain_for_init()
@@ -219,7 +239,9 @@ class Distiller:
             # DREAM+: iteration 0 matches on the network the cluster init trained.
             self.net, self.opt_net, self._keep_init_net = net, opt, True
         self.timing["startup"] = time.perf_counter() - t0
-        self._emit(0, {"time/startup": self.timing["startup"]})
+        metrics = {"time/startup": self.timing["startup"]}
+        self._io_end(marks, metrics)
+        self._emit(0, metrics)
         if 0 in self.snapshot_steps:
             self.save_snapshot(0)
 
@@ -234,6 +256,7 @@ class Distiller:
         while self.global_step < end:
             metrics: dict[str, float] = {}
             t0 = time.perf_counter()
+            marks = self._io_begin()
             if self.step == 0:
                 for s in self.shards:
                     s.clamp_()
@@ -260,6 +283,7 @@ class Distiller:
                     metrics["loss/net"] = self._net_update(j)
                 metrics["time/net"] = time.perf_counter() - t1
             metrics["time/step"] = time.perf_counter() - t0
+            self._io_end(marks, metrics)
             self.timing["distill"] += metrics["time/step"]
             self.step += 1
             if self.step == cfg.inner_steps:

@@ -141,7 +141,8 @@ class DreamMethod(Method):
         finally:
             tb.close()
         metrics = {"distill_seconds": d.timing["distill"], "startup_seconds": d.timing["startup"],
-                   "steps": d.global_step}
+                   "steps": d.global_step, "bytes_read": getattr(p.cache, "bytes_read", None),
+                   "min_bytes": getattr(p.cache, "min_bytes", None)}
         return [self._set(cfg, p, images, labels)], metrics
 
     def stepper(self, cfg, p: Prepared, classes: list[int], cache, counts_all: list[int], device: str,

@@ -31,6 +31,9 @@ from dream_dist.seeding import (CLUSTER, DSA_DRAW, NET_AUG, NET_BATCH, POOL, REA
                                 SYN_INIT, SYN_SUBSAMPLE, derive_seed, generator)
 
 
+FEATURE_CHUNK = 8  # feature batches per chunk of a streamed whole-class pass
+
+
 class BatchPlan:
     """One global real mini-batch of the network's training, as every shard sees it.
 
@@ -67,6 +70,14 @@ def take(real, c: int, idx: Tensor) -> Tensor:
     # One memory layout whatever the source: a channels-last batch takes other conv kernels
     # than a contiguous one (other rounding), which changed the set with the cache (issue 21).
     return x.contiguous()
+
+
+def stream(real, c: int, idx: Tensor, chunk: int):
+    """Real images `idx` of class `c` in chunks of `chunk` samples (a whole-class pass holds
+    one chunk; a non-resident class of a ClassCache is read once, per sample)."""
+    for part in idx.split(chunk):
+        yield take(real, c, part)
+
 
 class ClassShard:
     def __init__(
@@ -124,26 +135,26 @@ class ClassShard:
         n = cfg.ipc * f * f
         t0 = time.perf_counter()
         for c in self.classes:
-            real = self.real.get(c)
             g = generator(self.seed, SYN_INIT, c)
             if cfg.init == "noise":
-                shape = (cfg.ipc, *real.shape[1:])
+                shape = (cfg.ipc, *take(self.real, c, torch.zeros(1, dtype=torch.long)).shape[1:])
                 img = torch.randn(shape, generator=g)
                 if self.pixel:
                     img = (img / 4 + 0.5).clamp(0, 1)
             else:
-                if n > len(real):
-                    raise DataError(f"class {c}: ipc·f² = {n} exceeds its {len(real)} images")
+                if n > self.counts[c]:
+                    raise DataError(f"class {c}: ipc·f² = {n} exceeds its {self.counts[c]} images")
                 if cfg.init == "cluster":
                     if net is None:
                         raise ValueError("cluster init needs the trained network")
                     pool = self._pool(c, 0, -1)
-                    feats = extract_features(net, real[pool], self.mean, self.std, cfg.feature_batch)
+                    feats = self.features(net, c, pool)
                     idx = pool[torch.from_numpy(
                         kmeans.medoids(feats, n, niter=cfg.kmeans_iters, seed=derive_seed(self.seed, SYN_INIT, c) % 2**31))]
                 else:
-                    idx = torch.randperm(len(real), generator=g)[:n]
-                chosen = real[idx].float() / 255 if self.pixel else normalize(real[idx], self.mean, self.std)
+                    idx = torch.randperm(self.counts[c], generator=g)[:n]
+                real = take(self.real, c, idx)
+                chosen = real.float() / 255 if self.pixel else normalize(real, self.mean, self.std)
                 img = tile(chosen, f, cfg.tile_mode)
             self.syn[c] = img.to(self.device).requires_grad_(True)
             self.opt[c] = torch.optim.SGD([self.syn[c]], lr=self.lr_img, momentum=cfg.momentum_img)
@@ -174,39 +185,58 @@ class ClassShard:
             return torch.arange(n)
         return torch.randperm(n, generator=generator(self.seed, POOL, it, step, c))[:pool].sort().values
 
+    def features(self, net: nn.Module, c: int, idx: Tensor) -> Tensor:
+        """net's features of class c's images `idx`, streamed in chunks of whole feature
+        batches: the same sub-batches as one extract_features call, so bit-equal features,
+        while a class the cache does not hold is read once and never held whole."""
+        fb = self.cfg.feature_batch
+        return torch.cat([extract_features(net, x, self.mean, self.std, fb)
+                          for x in stream(self.real, c, idx, fb * FEATURE_CHUNK)])
+
     @torch.no_grad()
-    def recluster(self, net: nn.Module, it: int, step: int) -> dict[str, float]:
-        """DREAM's representative selection: k-means on the current network's features of each
-        class, keeping the sample(s) nearest each centre as that class's real batch until the
-        next re-clustering. Also measures the (linear-kernel) MMD of the selected batch and of
-        a random batch of the same size to the whole pool, the paper's Fig. 2b."""
+    def select(self, net: nn.Module, c: int, it: int, step: int, out: dict[str, float]) -> Tensor | None:
+        """DREAM's representative selection for class c: k-means on the current network's
+        features, keeping the sample(s) nearest each centre as c's real batch until the next
+        re-clustering. Adds timings and the (linear-kernel) MMD of the selected batch and of a
+        random batch of the same size to the pool (the paper's Fig. 2b) into `out`. Returns
+        the selected images when the pool was read in one piece (so they are not read again)."""
         cfg = self.cfg
-        t_feat = t_km = 0.0
-        mmd_sel, mmd_rand = [], []
-        for c in self.classes:
-            t0 = time.perf_counter()
-            pool = self._pool(c, it, step)
-            # The whole class streams once; a pool reads only its samples when over the budget.
-            imgs = self.real.get(c)[pool] if cfg.cluster_pool is None else take(self.real, c, pool)
+        t0 = time.perf_counter()
+        r0, m0 = getattr(self.real, "bytes_read", 0), getattr(self.real, "min_bytes", 0)
+        pool = self._pool(c, it, step)
+        imgs = None
+        if cfg.cluster_pool is not None:  # a pool: its samples only, in one piece
+            imgs = take(self.real, c, pool)
             feats = extract_features(net, imgs, self.mean, self.std, cfg.feature_batch)
-            t1 = time.perf_counter()
-            k = cfg.batch_real // cfg.samples_per_cluster
-            if k * cfg.samples_per_cluster > len(pool):
-                raise DataError(f"class {c}: {k} clusters x {cfg.samples_per_cluster} samples "
-                                 f"exceed its {len(pool)} clustered images")
-            cent, _ = kmeans.kmeans(feats, k, niter=cfg.kmeans_iters,
-                                    seed=derive_seed(self.seed, CLUSTER, it, step, c) % 2**31)
-            picks = torch.from_numpy(kmeans.nearest_distinct(feats, cent, cfg.samples_per_cluster))
-            self.selected[c] = pool[picks]
-            t_km += time.perf_counter() - t1
-            t_feat += t1 - t0
-            mu = feats.mean(0)
-            mmd_sel.append(float((feats[picks].mean(0) - mu).pow(2).sum()))
-            rnd = torch.randperm(len(pool), generator=generator(self.seed, REAL_BATCH, it, step, c, 1))[: len(picks)]
-            mmd_rand.append(float((feats[rnd].mean(0) - mu).pow(2).sum()))
+        else:  # the whole class, streamed once
+            feats = self.features(net, c, pool)
+        t1 = time.perf_counter()
+        # The clustering round's reads, apart from the step's (ClassCache counts; 0 otherwise).
+        out["io/cluster_read_mb"] = out.get("io/cluster_read_mb", 0.0) + (getattr(self.real, "bytes_read", 0) - r0) / 2**20
+        out["io/cluster_min_mb"] = out.get("io/cluster_min_mb", 0.0) + (getattr(self.real, "min_bytes", 0) - m0) / 2**20
+        k = cfg.batch_real // cfg.samples_per_cluster
+        if k * cfg.samples_per_cluster > len(pool):
+            raise DataError(f"class {c}: {k} clusters x {cfg.samples_per_cluster} samples "
+                             f"exceed its {len(pool)} clustered images")
+        cent, _ = kmeans.kmeans(feats, k, niter=cfg.kmeans_iters,
+                                seed=derive_seed(self.seed, CLUSTER, it, step, c) % 2**31)
+        picks = torch.from_numpy(kmeans.nearest_distinct(feats, cent, cfg.samples_per_cluster))
+        self.selected[c] = pool[picks]
+        out["time/kmeans"] = out.get("time/kmeans", 0.0) + time.perf_counter() - t1
+        out["time/cluster_features"] = out.get("time/cluster_features", 0.0) + t1 - t0
+        mu = feats.mean(0)
         n = len(self.classes)
-        return {"time/cluster_features": t_feat, "time/kmeans": t_km,
-                "mmd/selected": sum(mmd_sel) / n, "mmd/random": sum(mmd_rand) / n}
+        rnd = torch.randperm(len(pool), generator=generator(self.seed, REAL_BATCH, it, step, c, 1))[: len(picks)]
+        out["mmd/selected"] = out.get("mmd/selected", 0.0) + float((feats[picks].mean(0) - mu).pow(2).sum()) / n
+        out["mmd/random"] = out.get("mmd/random", 0.0) + float((feats[rnd].mean(0) - mu).pow(2).sum()) / n
+        return imgs[picks] if imgs is not None else None
+
+    def recluster(self, net: nn.Module, it: int, step: int) -> dict[str, float]:
+        """`select` for every class owned; returns the summed timings and the mean MMDs."""
+        out: dict[str, float] = {}
+        for c in self.classes:
+            self.select(net, c, it, step, out)
+        return out
 
     def real_batch(self, c: int, it: int, step: int) -> Tensor:
         """Indices of class c's real batch for this matching step."""
@@ -222,12 +252,21 @@ class ClassShard:
         """One image update per class owned. Returns summed loss parts and timings."""
         cfg = self.cfg
         out: dict[str, float] = {}
-        if cfg.selection == "representative" and (step % cfg.tau == 0 or not self.selected):
+        cluster = cfg.selection == "representative" and (step % cfg.tau == 0 or not self.selected)
+        # Class by class, selection then matching: a batch selected from a pool read in one
+        # piece is used as it is, not read again. Not with running statistics (BatchNorm):
+        # matching in train mode updates them, and the features must see the step's network.
+        interleave = cluster and not any(getattr(m, "track_running_stats", False) for m in net.modules())
+        if cluster and not interleave:
             out.update(self.recluster(net, it, step))
+        spent = lambda: out.get("time/cluster_features", 0.0) + out.get("time/kmeans", 0.0)  # noqa: E731
+        before = spent()
         t0 = time.perf_counter()
         for c in self.classes:
-            idx = self.real_batch(c, it, step)
-            real = normalize(take(self.real, c, idx).to(self.device), self.mean, self.std)
+            picked = self.select(net, c, it, step, out) if interleave else None
+            if picked is None:
+                picked = take(self.real, c, self.real_batch(c, it, step))
+            real = normalize(picked.to(self.device), self.mean, self.std)
             syn = decode(self.syn[c], cfg.factor)
             if len(syn) > cfg.batch_syn_max:
                 keep = torch.randperm(len(syn), generator=generator(self.seed, SYN_SUBSAMPLE, it, step, c))
@@ -249,7 +288,7 @@ class ClassShard:
             out["loss/total"] = out.get("loss/total", 0.0) + float(loss.detach())
             for k, v in parts.items():
                 out[f"loss/{k}"] = out.get(f"loss/{k}", 0.0) + v
-        out["time/match"] = time.perf_counter() - t0
+        out["time/match"] = time.perf_counter() - t0 - (spent() - before)  # selection counted apart
         return out
 
     # ------------------------------------------------------------------ network training
