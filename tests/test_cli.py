@@ -146,3 +146,19 @@ def test_plain_script_runs(tmp_path):
     r = subprocess.run([sys.executable, "dream_dist/run.py", "--cfg", "job"], capture_output=True, text=True,
                        cwd=REPO, timeout=300)
     assert r.returncode == 0 and "task: distill" in r.stdout
+
+
+@pytest.mark.parametrize("body", [
+    "hydra:\n  callbacks:\n    x:\n      _target_: builtins.open\n      file: {marker}\n      mode: w\n",
+    "distill:\n  overrides:\n    width: {{_target_: builtins.open, file: {marker}, mode: w}}\n",
+])
+def test_an_experiment_file_that_names_code_is_refused(body, tmp_path, capsys):
+    """An experiment file may come from a shared sweep directory: Hydra would call a
+    `_target_` or a callback it names."""
+    marker = tmp_path / "PWNED"
+    exp = tmp_path / "best.yaml"
+    exp.write_text("# @package _global_\n" + body.format(marker=marker))
+    with pytest.raises(SystemExit) as e:
+        cli([f"experiment_file={exp}", f"out_dir={tmp_path}/run"])
+    assert e.value.code == 2 and "may not name code" in capsys.readouterr().err
+    assert not marker.exists()

@@ -66,7 +66,7 @@ def test_cifar_pickle_reader(tmp_path):
     batches = []
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
-        labels = list(rng.integers(0, 10, 4))
+        labels = rng.integers(0, 10, 4).tolist()  # Python ints, as in the real batches
         batches.append((data, labels))
         with open(root / name, "wb") as f:
             pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f)
@@ -104,6 +104,29 @@ def test_imagefolder_reads_classes_sorted_and_converts_gray(tmp_path):
     s = load_dataset("imagefolder", "train", root=tmp_path)
     assert s.classes == ["a_dog", "b_cat"] and s.images.shape == (2, 3, 16, 16)
     assert int(s.images[0, 1, 0, 0]) == 50 and int(s.images[1, 2, 5, 5]) == 200
+
+
+def test_an_eps_file_named_png_never_reaches_ghostscript(tmp_path, monkeypatch):
+    """PIL opens a file by its content: EPS in x.png would be rendered by Ghostscript (a
+    program from the data directory). decode_image opens the listed raster formats only."""
+    from PIL import EpsImagePlugin, Image
+
+    from dream_dist.data.folder import decode_image
+    from dream_dist.errors import DataError
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or Image.new("RGB", (4, 4)))
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True, raising=False)
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    eps = tmp_path / "train" / "a" / "x.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\n%%EndComments\nshowpage\n%%EOF\n")
+    with Image.open(eps) as im:  # what PIL does unrestricted
+        assert im.format == "EPS"
+    with pytest.raises(DataError, match=r"x\.png: cannot decode image"):
+        decode_image(eps)
+    with pytest.raises(DataError, match=r"x\.png: cannot decode image"):
+        load_dataset("imagefolder", "train", root=tmp_path)
+    assert ran == []
 
 
 def test_tinyimagenet_layout(tiny_dir):
@@ -332,3 +355,26 @@ def test_per_sample_reads_return_the_whole_class_pixels(tmp_path, digits):
     assert fresh.bytes_read < 10 * per_image * 2  # only those samples' bytes, not the class
     cache = ClassCache(fresh, budget_bytes=1000)  # smaller than one class: never cached
     assert torch.equal(cache.take(5, idx), whole[idx]) and cache.used == 0 and cache.reads == 0
+
+
+def test_an_index_naming_a_command_or_a_path_out_of_the_root_is_refused(tmp_path, digits):
+    """webdataset opens "pipe:<cmd>" shard names by running them; an index is a data file."""
+    train, _ = digits
+    pack(train, tmp_path, "train", source="digits", progress=False)
+    marker = tmp_path / "PWNED"
+    for bad in (f"pipe:touch {marker}", "../elsewhere.tar", "/etc/passwd"):
+        idx = json.loads((tmp_path / "index-train.json").read_text())
+        idx["shards"]["0"][0]["file"] = bad
+        (tmp_path / "index-train.json").write_text(json.dumps(idx))
+        with pytest.raises(ShardError, match="not a bare .tar file name"):
+            PackedReader(tmp_path, "train").load_class(0)
+    assert not marker.exists()
+
+
+def test_a_shard_payload_that_is_not_png_is_refused(tmp_path):
+    """PIL picks a decoder by content: an EPS payload would reach Ghostscript."""
+    from dream_dist.data.shards import _decode
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    with pytest.raises(Exception, match="cannot identify image file"):
+        _decode(eps, "png", 3)

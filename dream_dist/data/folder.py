@@ -25,6 +25,10 @@ from dream_dist.errors import ConfigError, DataError, DataNotFoundError
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+# The PIL formats of those extensions (MPO: multi-picture JPEGs from cameras). PIL identifies a
+# file by its content, not its name: unrestricted, an EPS file named x.png would be rendered by
+# Ghostscript, a PostScript interpreter, i.e. a program from the data directory would run.
+PIL_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "WEBP", "GIF", "TIFF")
 
 
 def decode_image(path: Path, mode: str = "RGB", size: int | None = None, resize: str = "square",
@@ -41,7 +45,7 @@ def decode_image(path: Path, mode: str = "RGB", size: int | None = None, resize:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=PIL_FORMATS) as im:
             if size is not None and jpeg_draft and im.format == "JPEG":
                 im.draft(mode, (size, size))
             im = im.convert(mode)

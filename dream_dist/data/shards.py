@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -35,6 +36,7 @@ FORMAT = "dream_dist.packed"
 VERSION = 1
 ENCODINGS = ("png", "npy")
 ON_CORRUPT = ("error", "skip")
+SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar")
 log = logging.getLogger(__name__)
 
 
@@ -76,7 +78,8 @@ def _decode(data: bytes, encoding: str, channels: int) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
+    # PNG only: PIL picks a decoder by content, and an EPS payload would reach Ghostscript.
+    with Image.open(io.BytesIO(data), formats=("PNG",)) as im:
         arr = np.asarray(im, dtype=np.uint8)
     # Contiguous (C, H, W): a transposed view would make whole-class loads channels-last in
     # memory while per-sample reads are not, and the two layouts take different conv kernels
@@ -193,6 +196,12 @@ class PackedReader:
         self.index_file = path
         self.opened: list[str] = []
         for c, entries in self.index["shards"].items():
+            for e in entries:
+                # A bare file name: never a path out of the root, nor a webdataset URL such as
+                # "pipe:<command>" (which gopen would run).
+                if not (isinstance(e.get("file"), str) and SHARD_NAME.fullmatch(e["file"])):
+                    raise ShardError(f"{path}: shard name {str(e.get('file'))[:80]!r} of class {c} is not a "
+                                     f"bare .tar file name")
             if sum(e["count"] for e in entries) != self.index["counts"][int(c)]:
                 raise ShardError(f"{path}: shard counts of class {c} do not add up to its count")
         if on_corrupt == "skip":
@@ -251,7 +260,8 @@ class PackedReader:
         self.opened.append(str(path))
         enc, channels = self.index["encoding"], self.index["channels"]
         key, n = "<start of shard>", 0
-        pipe = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples())
+        # An absolute path: webdataset treats "pipe:..." and "<scheme>://..." strings as commands/URLs.
+        pipe = wds.DataPipeline(wds.SimpleShardList([str(path.resolve())]), wds.tarfile_to_samples())
         try:
             for sample in pipe:
                 key = sample["__key__"]
