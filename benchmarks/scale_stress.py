@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import shutil
 import subprocess
@@ -178,6 +179,9 @@ def _pack_for_runs(args, n: int) -> Path:
 
 RUNS = {
     "dream_plus in process": ["task=distill", "distill.workers=0"],
+    "dream_plus 2 Ray workers, all cached": ["task=distill", "distill.workers=2"],
+    "dream_plus 2 Ray workers, budget 1/4, lru (before)": ["task=distill", "distill.workers=2",
+                                                           "distill.memory_budget_mb={quarter}", "distill.cache_policy=lru"],
     "dream_plus 2 Ray workers, budget 1/4": ["task=distill", "distill.workers=2", "distill.memory_budget_mb={quarter}"],
     "rded 2 Ray tasks": ["task=rded", "rded.workers=2", "rded.ipc=1", "rded.images_per_class=50",
                          "observer.model=convnet_tiny", "observer.epochs=1", "kd.model=convnet_tiny", "kd.epochs=1",
@@ -214,7 +218,9 @@ def run_one(args) -> None:
                       "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "ray_worker_peak_mb": sampler.peak_mb or None, "steps": m.get("steps"),
                       "distill_s": m.get("steps_seconds_rank0") or m.get("distill_seconds"),
-                      "bytes_read_rank0": m.get("bytes_read_rank0")}))
+                      # rank 0 on Ray, the one process otherwise
+                      "bytes_read": m.get("bytes_read_rank0", m.get("bytes_read")),
+                      "min_bytes": m.get("min_bytes_rank0", m.get("min_bytes"))}))
 
 
 def run_table(args) -> None:
@@ -224,15 +230,15 @@ def run_table(args) -> None:
     packed = _pack_for_runs(args, n)
     index = json.loads((packed / "index-train.json").read_text())
     decoded_mb = sum(index["counts"]) * index["channels"] * index["image_size"] ** 2 / 2**20
-    rows, sets = [], {}
-    earlier = {}
-    if args.only:  # rerun these; keep the other rows (and their run directories) of the last table
-        earlier = {r["run"]: r for r in json.loads((REPO / "docs" / "results" / "scale_stress_run.json").read_text())["rows"]}
+    results, sets = {}, {}
+    runs = REPO / "outputs" / "scale_stress" / "runs"
+    saved = runs / "results.json"  # every finished run, so a failed or --only run keeps the others
+    if args.only and saved.exists():  # rerun these; keep the other rows (and their run directories)
+        results = json.loads(saved.read_text())
     for what in RUNS:
-        run_dir = REPO / "outputs" / "scale_stress" / "runs" / what.replace(" ", "_").replace("/", "-").replace(",", "")
+        run_dir = runs / re.sub(r"[^A-Za-z0-9_.-]+", "_", what.replace("/", "-"))
         if args.only and what not in args.only:
-            rows.append(earlier[what])
-            if what.startswith("dream_plus"):
+            if what in results and what.startswith("dream_plus"):
                 sets[what] = torch.load(run_dir / "distilled.pt", weights_only=True)["images"]
             continue
         shutil.rmtree(run_dir, ignore_errors=True)  # every run fresh
@@ -244,19 +250,38 @@ def run_table(args) -> None:
             raise SystemExit(f"{what} failed:\n{res.stderr[-3000:]}")
         r = json.loads(res.stdout.strip().splitlines()[-1])
         print(r, flush=True)
+        results[what] = {"run": what, **r}
+        saved.write_text(json.dumps(results, indent=1))
         if what.startswith("dream_plus"):
             sets[what] = torch.load(run_dir / "distilled.pt", weights_only=True)["images"]
-        steps = r["steps"] or 0
-        rows.append({"run": what, "classes": n, "wall s": f"{r['wall_s']:.0f}",
-                     "step s": f"{r['distill_s'] / steps:.1f}" if steps and r["distill_s"] else "-",
-                     "driver peak RSS MB": f"{r['driver_peak_mb']:.0f}",
-                     "Ray worker peak RSS MB": f"{r['ray_worker_peak_mb']:.0f}" if r["ray_worker_peak_mb"] else "-",
-                     "shard MB read (rank 0)": f"{r['bytes_read_rank0'] / 2**20:.0f}" if r["bytes_read_rank0"] else "-"})
-    same = len(sets) == 2 and torch.equal(*sets.values())
+    ref = sets.get("dream_plus in process")
+    step = lambda r: r["distill_s"] / r["steps"] if r.get("steps") and r.get("distill_s") else None  # noqa: E731
+    cached = results.get("dream_plus 2 Ray workers, all cached")
+    rows = []
+    for what in RUNS:
+        if what not in results:
+            continue
+        r = results[what]
+        steps = r.get("steps") or 0
+        per = lambda b: b / steps / 2**20 if steps and b else None  # noqa: E731
+        read, least = per(r.get("bytes_read")), per(r.get("min_bytes"))
+        vs = step(r) / step(cached) if cached and step(r) and what.startswith("dream_plus 2") else None
+        rows.append({"run": what, "wall s": f"{r['wall_s']:.0f}",
+                     "step s": f"{step(r):.1f}" if step(r) else "-",
+                     "step / all-cached step": f"{vs:.2f}" if vs else "-",
+                     "shard MB read per step": f"{read:.0f}" if read else "-",
+                     "minimum MB per step": f"{least:.0f}" if least else "-",
+                     "ratio": f"{read / least:.2f}" if read and least else "-",
+                     "driver peak MB": f"{r['driver_peak_mb']:.0f}",
+                     "worker peak MB": f"{r['ray_worker_peak_mb']:.0f}" if r.get("ray_worker_peak_mb") else "-",
+                     "set == in-process": (str(torch.equal(sets[what], ref)) if what in sets and ref is not None
+                                           else "-")})
     text = (f"Methods on the packed stress set: {n} classes, {sum(index['counts'])} images at {SIZE} px "
-            f"(decoded {decoded_mb:.0f} MB; the Ray run's budget is a quarter of it). DREAM+ on 2 Ray workers "
-            f"gives the in-process set: **{same}**.\n\n" + markdown(rows, list(rows[0])))
-    save("scale_stress_run", {"rows": rows, "same_set": same, "decoded_mb": decoded_mb}, text)
+            f"(decoded {decoded_mb:.0f} MB; \"budget 1/4\" is a quarter of it per worker, about half of each "
+            f"worker's classes). Reads are rank 0's (the one process in process), start-up included, "
+            f"divided by the 3 steps; the minimum is the distinct samples of the non-resident classes each "
+            f"step used plus each resident class once (ClassCache.min_bytes).\n\n" + markdown(rows, list(rows[0])))
+    save("scale_stress_run", {"rows": rows, "results": list(results.values()), "decoded_mb": decoded_mb}, text)
 
 
 def main() -> None:

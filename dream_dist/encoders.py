@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dream_dist.data.base import ImageSet, denormalize, normalize
+from dream_dist.data.base import ImageSet, StreamedSet, denormalize, normalize, read_batches
 from dream_dist.errors import CheckpointError, DataNotFoundError
 from dream_dist.seeding import generator
 
@@ -204,11 +204,12 @@ class ConvAutoencoder(Encoder):
         return self.decode(self.encode(x))
 
 
-def train_autoencoder(train: ImageSet, mean, std, cfg: AutoencoderConfig | None = None, seed: int = 0,
-                      progress: bool = True, device: str = "cpu") -> ConvAutoencoder:
+def train_autoencoder(train: ImageSet | StreamedSet, mean, std, cfg: AutoencoderConfig | None = None,
+                      seed: int = 0, progress: bool = True, device: str = "cpu") -> ConvAutoencoder:
     """Train a ConvAutoencoder on `train` (uint8) with the MSE of normalised pixels, Adam.
 
-    Returns the model in eval mode; `model.losses` holds the mean training loss per epoch.
+    `train`: an ImageSet, or a StreamedSet whose batches are read from the shards (the same
+    weights). Returns the model in eval mode; `model.losses` holds the mean training loss per epoch.
     """
     cfg = cfg or AutoencoderConfig()
     if len(train) == 0:
@@ -229,9 +230,9 @@ def train_autoencoder(train: ImageSet, mean, std, cfg: AutoencoderConfig | None 
     losses: list[float] = []
     for _ in range(cfg.epochs):
         total = 0.0
-        for b in idx[torch.randperm(len(idx), generator=g)].split(cfg.batch_size):
+        for b, images in read_batches(train, idx[torch.randperm(len(idx), generator=g)].split(cfg.batch_size)):
             # Normalise per batch: a float copy of the whole set is 4x its uint8 size.
-            x = normalize(train.images[b].to(device), mean, std)
+            x = normalize(images.to(device), mean, std)
             loss = F.mse_loss(model(x), x)
             opt.zero_grad(set_to_none=True)
             loss.backward()

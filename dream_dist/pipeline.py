@@ -173,7 +173,7 @@ def evaluate_set(cfg) -> dict:
         obs_path = ((loaded.source or {}).get("metrics", {}).get("observer") or {}).get("path")
         if ocfg.path is None and obs_path:
             ocfg = dataclasses.replace(ocfg, path=obs_path)  # the observer the producing run saved
-        observer, _ = get_observer(ocfg, data.train() if ocfg.path is None else data.meta(), data.mean, data.std,
+        observer, _ = get_observer(ocfg, data.train_stream() if ocfg.path is None else data.meta(), data.mean, data.std,
                                    seed=cfg.seed, save_to=out / "observer.pt", progress=cfg.progress,
                                    device=cfg.device)
         protocols = {m: KDProtocol(dataclasses.replace(kcfg, model=m, width=None if m != kcfg.model else kcfg.width,

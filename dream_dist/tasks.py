@@ -110,7 +110,7 @@ def run_train_observer(cfg) -> dict:
 
     out = Path(cfg.out_dir)
     data = open_data(cfg)
-    net, info = get_observer(cfg.observer, data.train() if cfg.observer.path is None else data.meta(), data.mean,
+    net, info = get_observer(cfg.observer, data.train_stream() if cfg.observer.path is None else data.meta(), data.mean,
                              data.std, seed=cfg.seed, save_to=out / "observer.pt", progress=cfg.progress,
                              device=cfg.device)
     info["test_acc"] = test_accuracy(net, data.test(), data.mean, data.std)
@@ -196,6 +196,24 @@ def compose(overrides: list[str] | None = None):
     return build(RunConfig, OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
 
 
+def _code_keys(tree, where: str = "") -> str | None:
+    """The first key of `tree` that makes Hydra run code: `hydra` at the top, `_target_` anywhere."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            key = f"{where}.{k}" if where else str(k)
+            if (not where and k == "hydra") or k in ("_target_", "_partial_", "_args_"):
+                return key
+            found = _code_keys(v, key)
+            if found:
+                return found
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            found = _code_keys(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def _experiment_file(overrides: list[str]) -> list[str]:
     """Turn `experiment_file=PATH` into `experiment=<PATH registered in Hydra's ConfigStore>`."""
     files = [o for o in overrides if o.startswith("experiment_file=")]
@@ -209,10 +227,17 @@ def _experiment_file(overrides: list[str]) -> list[str]:
     path = Path(files[0].split("=", 1)[1]).expanduser()
     if not path.is_file():
         raise ConfigError(f"experiment_file: no such file {str(path)!r}")
+    node = OmegaConf.load(path)
+    # An experiment sets dream_dist's keys only: a `hydra:` block (callbacks) or a `_target_`
+    # would make Hydra import and call what the file names, and the file may come from a
+    # shared sweep directory.
+    found = _code_keys(OmegaConf.to_container(node, resolve=False))
+    if found:
+        raise ConfigError(f"experiment_file: {path} sets {found}: an experiment file may not name code "
+                          f"(hydra settings or _target_)")
     # A ConfigStore entry is an option of the experiment group like the files in conf/experiment,
     # so Hydra merges it at the same place (its own `defaults:` list included).
-    ConfigStore.instance().store(group="experiment", name="_experiment_file", node=OmegaConf.load(path),
-                                 package="_global_")
+    ConfigStore.instance().store(group="experiment", name="_experiment_file", node=node, package="_global_")
     return [o if o not in files else "experiment=_experiment_file" for o in overrides]
 
 

@@ -4,6 +4,7 @@ the observer start from, and its batched feature pass.
     from dream_dist.training import train_feature_net, extract_features
     net = train_feature_net(train, mean, std, epochs=1, max_images=10_000)
     feats = extract_features(net, train.images, mean, std)      # (N, D) float32 on the CPU
+    net = train_feature_net(data.train_stream(), mean, std)     # batches read from the shards
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dream_dist.data.base import ImageSet, normalize
+from dream_dist.data.base import ImageSet, StreamedSet, normalize, read_batches
 from dream_dist.models import build_model
 from dream_dist.seeding import generator
 
@@ -58,7 +59,7 @@ def _balanced_subsample(labels: Tensor, max_images: int, num_classes: int, seed:
 
 
 def train_feature_net(
-    train: ImageSet,
+    train: ImageSet | StreamedSet,
     mean,
     std,
     model: str = "convnet",
@@ -75,6 +76,9 @@ def train_feature_net(
     ConvNet on the real data): plain SGD (momentum 0.9, wd 5e-4), cross entropy, no
     augmentation. `max_images` trains on a seeded class-balanced subsample to bound CPU time.
     Returns the network in eval mode.
+
+    `train`: an ImageSet, or a StreamedSet (OpenedData.train_stream) whose batches are read
+    from the shards; the same samples give the same batches and the same weights.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
@@ -94,9 +98,9 @@ def train_feature_net(
                disable=None if progress else True,
                desc=f"feature net ({model})", leave=False)
     for _ in range(epochs):
-        for b in idx[torch.randperm(len(idx), generator=g)].split(batch_size):
+        for b, images in read_batches(train, idx[torch.randperm(len(idx), generator=g)].split(batch_size)):
             # Normalise per batch: a float copy of the whole set would be 4x its uint8 size.
-            x = normalize(train.images[b].to(device), mean, std)
+            x = normalize(images.to(device), mean, std)
             loss = F.cross_entropy(net(x), train.labels[b].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

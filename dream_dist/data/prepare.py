@@ -4,8 +4,8 @@
     root = ensure_packed(cfg)        # packs cfg.dataset into cfg.pack.out unless an up-to-date copy is there
     data = open_data(cfg)            # readers, counts, statistics, the test split; train read on demand
 
-Every task starts here. `open_data` never loads the training split: a method that needs it
-whole asks for `data.train()`; class-sharded and per-class methods read their classes only.
+Every task starts here. `open_data` never loads the training split: a trainer reads it batch
+by batch from `data.train_stream()`; class-sharded and per-class methods read their classes only.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dream_dist.data import default_root
-from dream_dist.data.base import ImageSet
+from dream_dist.data.base import ImageSet, StreamedSet
 from dream_dist.errors import ConfigError
 
 
@@ -186,11 +186,32 @@ class OpenedData:
         return self._test
 
     def train(self) -> ImageSet:
-        """The whole train split of the run's classes, read once: only for methods that train
-        on it (feature nets, autoencoders, observers), never for the driver of a sharded run."""
+        """The whole train split of the run's classes in memory, read once. The trainers take
+        `train_stream()` instead; this is for small data and tests that want the tensors."""
         if self._train is None:
             self._train = self.reader.load_classes(self.selected)
         return self._train
+
+    def train_stream(self) -> StreamedSet | ImageSet:
+        """The train split of the run's classes as the trainers (feature nets, observers,
+        autoencoders) read it: a StreamedSet that reads each batch's samples by offset from
+        the shards, so the process holds a batch, never the split (issue 21: an RDED driver
+        held 7.4 GB at 1000 stress classes). The samples and their order are those of
+        `train()`, so a seeded training gives the same weights either way.
+
+        It reads through the reader, not the class cache: the cache would keep whole classes
+        up to the memory budget in a driver that has no other use for them. The split
+        already in memory is returned as it is; a pack without per-sample offsets, or read with
+        on_corrupt=skip, has no per-sample reads (a batch would decode whole classes), so it is
+        loaded whole."""
+        if self._train is not None:
+            return self._train
+        shards = self.reader.index["shards"]
+        if self.reader.on_corrupt != "error" or not all("offsets" in e for c in self.classes
+                                                         for e in shards[str(int(c))]):
+            return self.train()
+        return StreamedSet(self.reader.read_samples, self.classes, [self.counts_all[c] for c in self.classes],
+                           self.names, self.channels, self.image_size)
 
     def class_images(self, c: int) -> torch.Tensor:
         """uint8 images of class `c`: from the loaded train split when it is in memory, else

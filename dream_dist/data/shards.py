@@ -194,7 +194,8 @@ class PackedReader:
         if self.index.get("format") != FORMAT:
             raise ShardError(f"{path}: not a dream_dist packed index")
         self.index_file = path
-        self.opened: list[str] = []
+        self.opened: list[str] = []  # each shard once, in first-opened order (bounded by the pack)
+        self._opened: set[str] = set()
         for c, entries in self.index["shards"].items():
             for e in entries:
                 # A bare file name: never a path out of the root, nor a webdataset URL such as
@@ -206,6 +207,11 @@ class PackedReader:
                 raise ShardError(f"{path}: shard counts of class {c} do not add up to its count")
         if on_corrupt == "skip":
             self._count_readable()
+
+    def _note_opened(self, path: Path) -> None:
+        if str(path) not in self._opened:  # per-sample reads reopen shards every batch
+            self._opened.add(str(path))
+            self.opened.append(str(path))
 
     def _count_readable(self) -> None:
         """on_corrupt="skip": one decoding pass over the split, so that every consumer sees the
@@ -257,7 +263,7 @@ class PackedReader:
         if size != entry["bytes"]:
             self._corrupt(ShardError(f"shard {path} has {size} bytes but {self.index_file} says "
                                      f"{entry['bytes']}: truncated or replaced"), f"{path.name}:<size>")
-        self.opened.append(str(path))
+        self._note_opened(path)
         enc, channels = self.index["encoding"], self.index["channels"]
         key, n = "<start of shard>", 0
         # An absolute path: webdataset treats "pipe:..." and "<scheme>://..." strings as commands/URLs.
@@ -316,7 +322,7 @@ class PackedReader:
                         raise ShardError(f"shard {path} is missing or not the {entry['bytes']} bytes "
                                          f"{self.index_file} says: truncated or replaced")
                     handles[k] = open(path, "rb")  # noqa: SIM115 - closed below
-                    self.opened.append(str(path))
+                    self._note_opened(path)
                 off, size = entry["offsets"][i - starts[k]]
                 f = handles[k]
                 f.seek(off)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dream_dist.data.base import ImageSet
+from dream_dist.data.base import ImageSet, StreamedSet
 from dream_dist.errors import CheckpointError, DataError, DataNotFoundError
 from dream_dist.models import MODELS, build_model
 
@@ -94,12 +94,13 @@ class ObserverConfig:
                              "to load); an observer trained here takes the dataset's classes")
 
 
-def train_observer(train: ImageSet, mean, std, cfg: ObserverConfig, seed: int = 0,
+def train_observer(train: ImageSet | StreamedSet, mean, std, cfg: ObserverConfig, seed: int = 0,
                    progress: bool = True, device: str = "cpu") -> nn.Module:
     """Train an observer on `train` (uint8) with cross entropy; returns it in eval mode.
 
     The same trainer as the coreset feature network (SGD, momentum 0.9, wd 5e-4, no
     augmentation, optional class-balanced subsample), with the observer's own settings.
+    `train` may be a StreamedSet (OpenedData.train_stream): batches read from the shards.
     """
     from dream_dist.training import train_feature_net
 
@@ -283,7 +284,7 @@ def soft_labels(model: nn.Module, images_normalised: Tensor, temperature: float 
     return torch.cat(out)
 
 
-def get_observer(cfg: ObserverConfig, train: ImageSet, mean, std, seed: int = 0,
+def get_observer(cfg: ObserverConfig, train: ImageSet | StreamedSet, mean, std, seed: int = 0,
                  save_to: str | Path | None = None, progress: bool = True,
                  device: str = "cpu") -> tuple[nn.Module, dict]:
     """The run's observer: loaded from cfg.path (class order checked against `train`), or

@@ -25,6 +25,7 @@ from dream_dist.data.base import ImageSet
 from dream_dist.errors import ConfigError, DataError
 from dream_dist.methods.base import Method, SynthSet
 from dream_dist.kmeans import FlatIndex
+from dream_dist.memory import release_free_memory
 from dream_dist.seeding import derive_seed, generator
 from dream_dist.training import extract_features, train_feature_net  # noqa: F401  (re-exported)
 
@@ -206,7 +207,8 @@ class CoresetMethod(Method):
                             f"{data.counts_all[k]} training images")
         net = None
         if any(m != "random" for m in c.methods):
-            net = train_feature_net(data.train(), data.mean, data.std, model=c.feature_model,
+            # Batches read from the shards: the driver never holds the train split.
+            net = train_feature_net(data.train_stream(), data.mean, data.std, model=c.feature_model,
                                     width=c.feature_width, epochs=c.feature_epochs, max_images=c.feature_max_images,
                                     seed=cfg.seed, progress=cfg.progress, device=cfg.device)
         return CoresetPrep(net, data.mean, data.std)
@@ -228,6 +230,8 @@ class CoresetMethod(Method):
                 except ValueError as e:
                     raise DataError(f"class {c}: {e}") from None
             parts[c] = picks
+            del x, feats
+            release_free_memory()  # free heap the next class cannot reuse goes back (dream_dist.memory)
         return parts
 
     def assemble(self, cfg, prep: CoresetPrep, data, parts: dict, out: Path):

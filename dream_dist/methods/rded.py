@@ -42,6 +42,7 @@ from dream_dist.data.base import normalize
 from dream_dist.methods.base import Method, SynthSet
 from dream_dist.errors import DataError
 from dream_dist.formation import decode
+from dream_dist.memory import release_free_memory
 from dream_dist.evaluation.kd import random_resized_crop
 from dream_dist.evaluation.observer import soft_labels
 from dream_dist.seeding import derive_seed
@@ -244,8 +245,11 @@ def distill_classes(images_of, classes: list[int], observer: nn.Module, mean, st
 def _each_class(images_of, classes, observer, mean, std, cfg: RDEDConfig, factor: int, seed: int,
                 progress: bool) -> dict[int, tuple[Tensor, Tensor]]:
     """{class: (stitched images, crop scores)}: the one per-class loop (library and pipeline)."""
-    return {c: distill_class(images_of(c), c, observer, mean, std, cfg, factor, seed)
-            for c in tqdm(classes, desc="rded classes", disable=None if progress else True)}
+    parts = {}
+    for c in tqdm(classes, desc="rded classes", disable=None if progress else True):
+        parts[c] = distill_class(images_of(c), c, observer, mean, std, cfg, factor, seed)
+        release_free_memory()  # free heap the next class cannot reuse goes back (dream_dist.memory)
+    return parts
 
 
 # ---------------------------------------------------------------------------- the method
@@ -275,8 +279,9 @@ class RDEDMethod(Method):
         rcfg = cfg.rded
         factor = rcfg.resolved_factor(data.image_size)
         rcfg.check_counts({c: data.counts_all[c] for c in data.classes}, factor)  # before any compute
-        # The train split is read only to train an observer; a given one needs the class names.
-        train = data.train() if cfg.observer.path is None else data.meta()
+        # The train split is read only to train an observer, batch by batch from the shards (the
+        # driver never holds it); a given observer needs the class names only.
+        train = data.train_stream() if cfg.observer.path is None else data.meta()
         observer, info = get_observer(cfg.observer, train, data.mean, data.std, seed=cfg.seed,
                                       save_to=out / "observer.pt", progress=cfg.progress, device=cfg.device)
         info["test_acc"] = test_accuracy(observer, data.test(), data.mean, data.std)
