@@ -86,7 +86,7 @@ class RaySampler(threading.Thread):
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak_mb, self.stop = 0.0, False
+        self.peak_mb, self.stop, self.peak_cmd = 0.0, False, None
 
     def run(self):
         # /proc directly (Linux): no psutil dependency.
@@ -99,8 +99,8 @@ class RaySampler(threading.Thread):
                     # Ray workers retitle themselves "ray::<task>" (setproctitle).
                     if "default_worker.py" in cmd or cmd.startswith("ray::"):
                         for line in (proc / "status").read_text().splitlines():
-                            if line.startswith("VmRSS:"):
-                                self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
+                            if line.startswith("VmRSS:") and int(line.split()[1]) / 1024 > self.peak_mb:
+                                self.peak_mb, self.peak_cmd = int(line.split()[1]) / 1024, cmd[:120]
                 except OSError:
                     continue  # the process ended meanwhile
             time.sleep(0.2)
@@ -216,7 +216,8 @@ def run_one(args) -> None:
     m = summary.get("metrics", {})
     print(json.dumps({"what": args.what, "wall_s": wall,
                       "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "ray_worker_peak_mb": sampler.peak_mb or None, "steps": m.get("steps"),
+                      "ray_worker_peak_mb": sampler.peak_mb or None, "ray_worker_peak_process": sampler.peak_cmd,
+                      "steps": m.get("steps"),
                       "distill_s": m.get("steps_seconds_rank0") or m.get("distill_seconds"),
                       # rank 0 on Ray, the one process otherwise
                       "bytes_read": m.get("bytes_read_rank0", m.get("bytes_read")),
