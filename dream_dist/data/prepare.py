@@ -206,9 +206,7 @@ class OpenedData:
         loaded whole."""
         if self._train is not None:
             return self._train
-        shards = self.reader.index["shards"]
-        if self.reader.on_corrupt != "error" or not all("offsets" in e for c in self.classes
-                                                         for e in shards[str(int(c))]):
+        if not all(self.reader.per_sample(c) for c in self.classes):
             return self.train()
         return StreamedSet(self.reader.read_samples, self.classes, [self.counts_all[c] for c in self.classes],
                            self.names, self.channels, self.image_size)

@@ -293,6 +293,11 @@ class PackedReader:
         if n != entry["count"] and self.on_corrupt == "error":
             raise ShardError(f"shard {path}: read {n} samples after {key}, index says {entry['count']}")
 
+    def per_sample(self, c: int) -> bool:
+        """Whether class c's samples can be read one by one: its shards carry byte offsets
+        (packs since issue 12) and no corrupt sample is to be skipped (the offsets count those)."""
+        return self.on_corrupt == "error" and all("offsets" in e for e in self._entries(c))
+
     def read_samples(self, c: int, idx: torch.Tensor | list[int]) -> torch.Tensor:
         """Images `idx` (positions within class `c`) as uint8 (len(idx), C, H, W), reading only
         those samples' bytes when the index has offsets (packs since issue 12), else the
@@ -302,7 +307,7 @@ class PackedReader:
         s, ch = self.index["image_size"], self.index["channels"]
         if not idx:
             return torch.zeros(0, ch, s, s, dtype=torch.uint8)
-        if self.on_corrupt == "skip" or not all("offsets" in e for e in entries):
+        if not self.per_sample(c):
             return self.load_class(c)[torch.tensor(idx)]
         starts = np.cumsum([0] + [e["count"] for e in entries])
         n = int(starts[-1])
@@ -406,7 +411,7 @@ class ClassCache:
     def _payload(self, c: int) -> list[int]:
         """Payload bytes of each sample of class c, in sample order (the index's offsets)."""
         entries = self.reader._entries(c)
-        if all("offsets" in e for e in entries) and self.reader.on_corrupt == "error":
+        if self.reader.per_sample(c):
             return [size for e in entries for _, size in e["offsets"]]
         per = sum(e["bytes"] for e in entries) / max(1, self.reader.index["counts"][c])
         return [int(per)] * self.reader.index["counts"][c]  # old packs: whole shards only
@@ -442,7 +447,7 @@ class ClassCache:
         index has offsets, else its shards."""
         self.reads += 1
         n = self.reader.index["counts"][c]
-        if self.reader.on_corrupt == "error" and all("offsets" in e for e in self.reader._entries(c)):
+        if self.reader.per_sample(c):
             return self.reader.read_samples(c, range(n))
         return self.reader.load_class(c)
 
