@@ -11,10 +11,13 @@ Training an evaluation network — an independent draw per image:
 
     x = dsa(x, generator=g)
 
-Every operation is built from differentiable tensor ops (arithmetic, indexing, grid_sample),
-so gradients reach the synthetic images through the augmentation. Magnitudes and sampling
-follow the public DSA code's `ParamDiffAug`/`DiffAugment`, so results are comparable with the
-published numbers.
+Every operation is built from differentiable tensor ops (arithmetic, indexing, gather), so
+gradients reach the synthetic images through the augmentation; scale and rotate resample with
+`affine_warp`, grid_sample's bilinear sampling written as gathers, whose backward has a
+deterministic CUDA kernel (grid_sample's has none: dream_dist.determinism). Magnitudes and
+sampling follow the public DSA code's `ParamDiffAug`/`DiffAugment`, so results are comparable
+with the published numbers. Draws that are read on the host (the group choice, CutMix's box)
+come from CPU generators (dream_dist.seeding.generator) and are read without scalar reads.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dream_dist.seeding import host_ints, host_values
 
 # Group name -> its operations, applied in this order (the public code's AUGMENT_FNS).
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -217,7 +222,8 @@ class DSA:
         gdev = generator.device if generator is not None else torch.device("cpu")
 
         def randint(low: int, high: int) -> int:
-            return int(torch.randint(low, high, (1,), generator=generator, device=gdev).item())
+            # A CPU draw, read without a scalar read (host_ints refuses a device tensor).
+            return host_ints(torch.randint(low, high, (1,), generator=generator, device=gdev))[0]
 
         if not self.groups:
             groups: tuple[str, ...] = ()
@@ -343,10 +349,7 @@ class DSA:
     def _affine(self, x: Tensor, theta: Tensor) -> Tensor:
         # align_corners=True as in the public DSA code (an identity theta then samples exactly
         # at pixel centres); IDC's DiffAug uses torch's default, False.
-        theta = theta.to(x.dtype).expand(x.shape[0], 2, 3)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=self.align_corners)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=self.align_corners)
+        return affine_warp(x, theta, self.align_corners)
 
     def _scale(self, x: Tensor, v: Tensor) -> Tensor:
         sx, sy = v[:, 0], v[:, 1]
@@ -374,6 +377,51 @@ class DSA:
         in_c = (c >= left) & (c < left + cw)  # (N, W)
         keep = ~(in_r[:, :, None] & in_c[:, None, :])  # box clipped at the borders
         return x * keep[:, None].to(x.dtype)
+
+
+def affine_warp(x: Tensor, theta: Tensor, align_corners: bool) -> Tensor:
+    """F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners), 'bilinear', 'zeros',
+    align_corners) for x (N, C, H, W) and theta (1 or N, 2, 3), without grid_sample.
+
+    Each output pixel is the weighted sum of its 4 source neighbours, read with `gather` from
+    x (weights and indices as grid_sample computes them; an out-of-image neighbour weighs 0).
+    Differentiable w.r.t. x only (theta is a drawn constant here): the backward of gather is a
+    scatter-add, which use_deterministic_algorithms makes deterministic on CUDA, whereas
+    grid_sampler_2d_backward accumulates with atomics and has no deterministic kernel. Values
+    and gradients equal grid_sample's within 1e-6 (tests/test_determinism.py).
+    """
+    n, c, h, w = x.shape
+    m = theta.shape[0]
+    if m not in (1, n):
+        raise ValueError(f"theta holds {m} transforms for a batch of {n}")
+    with torch.no_grad():
+        grid = F.affine_grid(theta.detach().to(x.device, x.dtype), [m, c, h, w], align_corners=align_corners)
+        gx, gy = grid[..., 0].reshape(m, h * w), grid[..., 1].reshape(m, h * w)
+        # grid_sample's unnormalisation of [-1, 1] to pixel positions, (g + 1)·s − 0.5 with
+        # s = (size − 1)/2 or size/2: exact in float64, rounded once (as the fused multiply-add
+        # of torch's vectorised CPU kernel rounds it).
+        if align_corners:
+            ix, iy = ((gx + 1).double() * ((w - 1) / 2)), ((gy + 1).double() * ((h - 1) / 2))
+        else:
+            ix, iy = (gx + 1).double() * (w / 2) - 0.5, (gy + 1).double() * (h / 2) - 0.5
+        ix, iy = ix.to(x.dtype), iy.to(x.dtype)
+        x0, y0 = ix.floor(), iy.floor()
+        # Distances to the west / north neighbour and their complements, as grid_sample's
+        # CPU kernel forms them (its CUDA kernel uses x0 + 1 - ix: the same within rounding).
+        fx, fy = ix - x0, iy - y0
+        ex, sy = 1 - fx, 1 - fy
+        corners = []
+        for dy, dx, wgt in ((0, 0, sy * ex), (0, 1, sy * fx), (1, 0, fy * ex), (1, 1, fy * fx)):
+            cx, cy = x0 + dx, y0 + dy
+            inside = (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
+            idx = (cy.clamp(0, h - 1) * w + cx.clamp(0, w - 1)).long()
+            corners.append((idx, torch.where(inside, wgt, torch.zeros_like(wgt))))
+    flat = x.reshape(n, c, h * w)
+    out = None
+    for idx, wgt in corners:  # nw, ne, sw, se: grid_sample's order of summation
+        v = flat.gather(2, idx[:, None, :].expand(n, c, h * w)) * wgt[:, None, :]
+        out = v if out is None else out + v
+    return out.reshape(n, c, h, w)
 
 
 def remove_groups(strategy: str, *groups: str) -> str:
@@ -410,16 +458,17 @@ def cutmix_draw(n: int, h: int, w: int, beta: float = 1.0, prob: float = 0.5,
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"cutmix prob must lie in [0, 1], got {prob}")
     gdev = generator.device if generator is not None else torch.device("cpu")
-    if torch.rand(1, generator=generator, device=gdev).item() >= prob:
+    # Draws of a CPU generator, read with host_values (no scalar read; refuses device tensors).
+    if host_values(torch.rand(1, generator=generator, device=gdev))[0] >= prob:
         return None
     # torch's Beta sampler takes no generator; seed numpy's from the torch stream instead so
     # a seeded generator still makes the whole call reproducible.
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gdev).item())
+    seed = host_ints(torch.randint(0, 2**62, (1,), generator=generator, device=gdev))[0]
     lam = float(np.random.default_rng(seed).beta(beta, beta))
     cut = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(h * cut), int(w * cut)
-    cy = int(torch.randint(0, h, (1,), generator=generator, device=gdev).item())
-    cx = int(torch.randint(0, w, (1,), generator=generator, device=gdev).item())
+    cy = host_ints(torch.randint(0, h, (1,), generator=generator, device=gdev))[0]
+    cx = host_ints(torch.randint(0, w, (1,), generator=generator, device=gdev))[0]
     y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
     x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
     perm = torch.randperm(n, generator=generator, device=gdev)
@@ -470,11 +519,16 @@ def dc_augment(x: Tensor, strategy: str = "crop_scale_rotate", generator: torch.
     every image gets ONE op of `strategy`, chosen uniformly per image:
 
     crop: a window at offset r in [0, 2·crop) of a copy padded by `crop` px with the batch's
-        per-channel mean, per axis (the content moves by crop − r); scale: resize each axis by a factor in [1 - scale, 1 + scale]
-        (nearest, as F.interpolate's default), centred and cropped/zero-padded back to size;
-    rotate: an integer angle in [-rotate, rotate) degrees about the centre, filled with the
-        mean of the channel means (the DC code rotates with scipy's cubic spline; this uses
-        bilinear sampling); noise: + noise · N(0, 1).
+        per-channel mean, per axis (the content moves by crop − r); scale: resize each axis by
+        a factor in [1 - scale, 1 + scale] (nearest, as F.interpolate's default), centred and
+        cropped/zero-padded back to size; rotate: an integer angle in [-rotate, rotate)
+        degrees about the centre, filled with the mean of the channel means (the DC code
+        rotates with scipy's cubic spline; this uses bilinear sampling, `affine_warp`);
+        noise: + noise · N(0, 1).
+
+    The draws are those of a loop over the images (the op choices, then each image's values
+    in image order, from `generator`, a CPU one); they are read once per call, and each op
+    is applied to all its images at once.
     """
     ops = tuple(op for op in strategy.split("_") if op)
     unknown = [op for op in ops if op not in DC_OPS]
@@ -484,35 +538,79 @@ def dc_augment(x: Tensor, strategy: str = "crop_scale_rotate", generator: torch.
         return x
     n, ch, h, w = x.shape
     gdev = generator.device if generator is not None else torch.device("cpu")
-    mean = x.mean(dim=(0, 2, 3))
-    out = x.clone()
-    choice = torch.randint(0, len(ops), (n,), generator=generator, device=gdev).tolist()
+    dev = x.device
+    choice = host_ints(torch.randint(0, len(ops), (n,), generator=generator, device=gdev))
+    # Every image's values, drawn in image order as the DC code's loop draws them.
+    sel: dict[str, list[int]] = {op: [] for op in ops}
+    draws: dict[str, list[Tensor]] = {op: [] for op in ops}
     for i, k in enumerate(choice):
         op = ops[k]
-        img = x[i]
+        sel[op].append(i)
         if op == "crop":
-            pad = mean.view(ch, 1, 1).expand(ch, h + 2 * crop, w + 2 * crop).clone()
-            pad[:, crop:crop + h, crop:crop + w] = img
-            r, c = (int(v) for v in torch.randint(0, 2 * crop, (2,), generator=generator, device=gdev))
-            out[i] = pad[:, r:r + h, c:c + w]
+            draws[op].append(torch.randint(0, 2 * crop, (2,), generator=generator, device=gdev))
         elif op == "scale":
-            u = torch.rand(2, generator=generator, device=gdev) * 2 * scale + 1 - scale
-            nh, nw = int(u[0] * h), int(u[1] * w)
-            tmp = F.interpolate(img[None], size=(nh, nw))[0]
-            side = max(nh, nw, h, w)
-            canvas = torch.zeros(ch, side, side, dtype=x.dtype, device=x.device)
-            r, c = (side - nh) // 2, (side - nw) // 2
-            canvas[:, r:r + nh, c:c + nw] = tmp
-            r, c = (side - h) // 2, (side - w) // 2
-            out[i] = canvas[:, r:r + h, c:c + w]
+            draws[op].append(torch.rand(2, generator=generator, device=gdev))
         elif op == "rotate":
-            angle = int(torch.randint(-rotate, rotate, (1,), generator=generator, device=gdev))
-            a = math.radians(angle)
-            theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]],
-                                 dtype=x.dtype, device=x.device)[None]
-            fill = float(mean.mean())
-            grid = F.affine_grid(theta, [1, ch, h, w], align_corners=False)
-            out[i] = F.grid_sample((img - fill)[None], grid, align_corners=False)[0] + fill
+            draws[op].append(torch.randint(-rotate, rotate, (1,), generator=generator, device=gdev))
+        else:
+            draws[op].append(torch.randn((ch, h, w), generator=generator, device=gdev))
+    mean = x.mean(dim=(0, 2, 3))
+    out = x.clone()
+    for op in ops:
+        if not sel[op]:
+            continue
+        idx = torch.tensor(sel[op], device=dev)
+        img = x[idx]
+        v = torch.stack(draws[op])
+        if op == "crop":
+            pad = mean.view(1, ch, 1, 1).expand(len(idx), ch, h + 2 * crop, w + 2 * crop).clone()
+            pad[:, :, crop:crop + h, crop:crop + w] = img
+            rc = v.to(dev)
+            rows = rc[:, :1] + torch.arange(h, device=dev)  # (k, H): window rows in the copy
+            cols = rc[:, 1:] + torch.arange(w, device=dev)
+            res = _take(pad, rows, cols)
+        elif op == "scale":
+            u = v * 2 * scale + 1 - scale
+            res = _nearest_rescale(img, u[:, 0].mul(h).long(), u[:, 1].mul(w).long())
+        elif op == "rotate":
+            theta = []
+            for angle in host_ints(v):
+                a = math.radians(angle)
+                theta.append([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
+            fill = mean.mean()
+            res = affine_warp(img - fill, torch.tensor(theta, dtype=x.dtype), align_corners=False) + fill
         else:  # noise
-            out[i] = img + noise * torch.randn(img.shape, generator=generator, device=gdev).to(x.device)
+            res = img + noise * v.to(dev)
+        out[idx] = res
     return out
+
+
+def _take(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """x (K, C, H', W') at rows (K, H) x cols (K, W) per image -> (K, C, H, W)."""
+    b = torch.arange(x.shape[0], device=x.device)[:, None, None]
+    return x.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _nearest_index(size: int, new: Tensor, length: int, offset: Tensor) -> tuple[Tensor, Tensor]:
+    """Per image, for output positions 0..length-1 of a centred, `new`-long nearest resize of a
+    `size`-long axis (cropped/zero-padded back, offset = canvas crop − paste offset): the
+    source index and whether it lies inside the resized content."""
+    j = offset[:, None] + torch.arange(length)  # position in the resized content
+    inside = (j >= 0) & (j < new[:, None])
+    # F.interpolate(mode='nearest')'s source index, in float32 as its kernel computes it:
+    # min(floor(j · (size / new)), size − 1).
+    ratio = torch.tensor(float(size), dtype=torch.float32) / new.float()
+    src = (j.float() * ratio[:, None]).floor().long().clamp(0, size - 1)
+    return src, inside
+
+
+def _nearest_rescale(img: Tensor, nh: Tensor, nw: Tensor) -> Tensor:
+    """The DC code's scale of img (K, C, H, W) to per-image (nh, nw) (nearest), pasted at the
+    centre of a zero canvas of side max(nh, nw, H, W), then the centre H×W cut out."""
+    _, _, h, w = img.shape
+    side = torch.maximum(torch.maximum(nh, nw), torch.tensor(max(h, w)))
+    rows, in_r = _nearest_index(h, nh, h, (side - h) // 2 - (side - nh) // 2)
+    cols, in_c = _nearest_index(w, nw, w, (side - w) // 2 - (side - nw) // 2)
+    keep = (in_r[:, :, None] & in_c[:, None, :])[:, None].to(img.device)
+    res = _take(img, rows.to(img.device), cols.to(img.device))
+    return torch.where(keep, res, torch.zeros((), dtype=img.dtype, device=img.device))

@@ -14,6 +14,9 @@ is why labels are repeated with `repeat_interleave`.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -49,7 +52,37 @@ def decode(images: Tensor, factor: int) -> Tensor:
         .permute(0, 2, 4, 1, 3, 5)  # (N, row, col, C, ph, pw): row-major parts per image
         .reshape(n * factor * factor, c, ph, pw)
     )
-    return F.interpolate(parts, size=(h, w), mode="bilinear", align_corners=False)
+    # = F.interpolate(parts, size=(h, w), mode="bilinear", align_corners=False), as two fixed
+    # interpolation matrices: its backward is then a matmul, which has a deterministic CUDA
+    # kernel (upsample_bilinear2d_backward accumulates with atomics; dream_dist.determinism).
+    a_h = upsample_matrix(ph, h, images.dtype, images.device)
+    a_w = a_h if pw == ph and w == h else upsample_matrix(pw, w, images.dtype, images.device)
+    return torch.matmul(torch.matmul(a_h, parts), a_w.t())
+
+
+@lru_cache(maxsize=64)
+def upsample_matrix(in_size: int, out_size: int, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> Tensor:
+    """(out_size, in_size) matrix A with A @ v = 1-D linear interpolation of v, as
+    F.interpolate(mode='bilinear', align_corners=False) computes it for size=(out, out):
+    source position s = max(scale·(i + 0.5) − 0.5, 0) with scale = in/out, weights 1 − frac(s)
+    and frac(s) on floor(s) and its right neighbour (the last row repeats the last pixel).
+    In the precision of torch's kernels (float32 for float32: scale rounded to float32, s
+    rounded once, as the fused multiply-add that its CPU and CUDA kernels compile to), so the
+    weights are torch's. Built once per (sizes, dtype, device), never part of a graph."""
+    op = torch.float64 if dtype == torch.float64 else torch.float32
+    with torch.inference_mode(False), torch.no_grad():
+        scale = torch.tensor(in_size, dtype=op) / out_size
+        dst = torch.arange(out_size, dtype=op) + 0.5
+        src = (scale.double() * dst.double() - 0.5).to(op).clamp(min=0)
+        i0 = src.floor().long().clamp(max=in_size - 1)
+        lam = (src - i0.to(op)).clamp(0, 1).double()
+        i1 = (i0 + 1).clamp(max=in_size - 1)
+        a = torch.zeros(out_size, in_size, dtype=torch.float64)
+        rows = torch.arange(out_size)
+        a.index_put_((rows, i0), 1 - lam, accumulate=True)
+        a.index_put_((rows, i1), lam, accumulate=True)
+        return a.to(device=device, dtype=dtype)
 
 
 def decode_labels(labels: Tensor, factor: int) -> Tensor:

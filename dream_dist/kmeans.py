@@ -13,15 +13,22 @@ FAISS. Everything else in dream_dist calls these functions instead of importing 
 CPU/GPU choice and FAISS's quirks (float32 only, C-contiguous only, chatty warnings) are
 handled once.
 
-`gpu`: None (auto) uses FAISS's GPU build when it sees a GPU, False forces the CPU, True
-requires a GPU. faiss-cpu and faiss-gpu install the same `faiss` module, so the choice is made
-at run time.
+`gpu`: None (the default) runs on the CPU, an int on that GPU only (FAISS must see it).
+Callers pass `gpu_for(device)`: the GPU of the torch device they compute on, or None for a CPU
+device or a CPU-only FAISS build (faiss-cpu and faiss-gpu install the same `faiss` module).
+FAISS never picks GPUs by itself here: no `index_cpu_to_all_gpus`, no `Kmeans(gpu=True)`, which
+spread over every visible GPU (on a node whose Ray workers share CUDA_VISIBLE_DEVICES, every
+worker on every GPU). One `StandardGpuResources` per GPU per process, built once and reused.
 """
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import torch
+
+try:
+    import faiss
+except ImportError:  # the engine still imports (and runs random selection) without FAISS
+    faiss = None
 
 __all__ = [
     "FlatIndex",
@@ -31,6 +38,7 @@ __all__ = [
     "minibatch_kmeans",
     "nearest",
     "nearest_distinct",
+    "gpu_for",
     "use_gpu",
 ]
 
@@ -39,18 +47,62 @@ KMEANS_INITS = ("kmeans++", "random")
 _GPU_MAX_K = 2048  # the largest neighbour count FAISS's GPU indexes return
 
 
-def use_gpu(gpu: bool | None = None) -> bool:
-    """Resolve the `gpu` argument: None -> GPU iff FAISS sees one; True without one raises."""
+def _faiss():
+    """The faiss module, or an ImportError naming the packages that provide it."""
+    if faiss is None:
+        raise ImportError("dream_dist.kmeans needs FAISS: pip install faiss-cpu (or faiss-gpu-cu12 on a "
+                          "CUDA 12 machine, never both)")
+    return faiss
+
+
+def _num_gpus() -> int:
+    if faiss is None:
+        return 0
     # faiss-cpu builds may lack get_num_gpus altogether in old versions; treat that as 0.
-    n = getattr(faiss, "get_num_gpus", lambda: 0)()
-    if gpu is None:
-        return n > 0
-    if gpu and n == 0:
+    return getattr(faiss, "get_num_gpus", lambda: 0)()
+
+
+def gpu_for(device) -> int | None:
+    """The FAISS GPU for a torch device: its index when the device is CUDA and this FAISS build
+    sees GPUs, else None (the CPU). A CPU device never clusters on a GPU."""
+    from dream_dist.devices import gpu_index
+
+    index = gpu_index(device)
+    return index if index is not None and _num_gpus() > 0 else None
+
+
+def use_gpu(gpu: int | bool | None = None) -> int | None:
+    """Resolve the `gpu` argument to a GPU index, or None for the CPU.
+
+    None / False: the CPU. An int: that GPU, which FAISS must see (True means GPU 0)."""
+    if gpu is None or gpu is False:
+        return None
+    index = 0 if gpu is True else int(gpu)
+    n = _num_gpus()
+    if not 0 <= index < n:
         raise RuntimeError(
-            "gpu=True but FAISS sees no GPU (is faiss-gpu installed instead of faiss-cpu, and "
-            "is CUDA visible?); pass gpu=None to fall back to the CPU"
+            f"gpu={gpu!r} but FAISS sees {n} GPU(s) (is faiss-gpu installed instead of faiss-cpu, "
+            f"and is CUDA visible?); pass gpu=None for the CPU"
         )
-    return bool(gpu)
+    return index
+
+
+_RESOURCES: dict[int, object] = {}
+
+
+def gpu_resources(index: int):
+    """This process's one faiss.StandardGpuResources of GPU `index` (temporary memory, streams),
+    built on first use and reused by every index and clustering after."""
+    if index not in _RESOURCES:
+        _RESOURCES[index] = faiss.StandardGpuResources()
+    return _RESOURCES[index]
+
+
+def _on_gpu(cpu_index, index: int | None):
+    """`cpu_index` itself (CPU), or its copy on GPU `index` alone."""
+    if index is None:
+        return cpu_index
+    return faiss.index_cpu_to_gpu(gpu_resources(index), index, cpu_index)
 
 
 def _as_f32(x, name: str) -> np.ndarray:
@@ -73,14 +125,12 @@ class FlatIndex:
     class features once per pick).
     """
 
-    def __init__(self, x, gpu: bool | None = None) -> None:
+    def __init__(self, x, gpu: int | None = None) -> None:
         xb = _as_f32(x, "x")
         self.n, self.d = xb.shape
-        self.cpu_index = faiss.IndexFlatL2(self.d)
+        self.cpu_index = _faiss().IndexFlatL2(self.d)
         self.cpu_index.add(xb)
-        self.index = self.cpu_index
-        if use_gpu(gpu):
-            self.index = faiss.index_cpu_to_all_gpus(self.cpu_index)
+        self.index = _on_gpu(self.cpu_index, use_gpu(gpu))
 
     def search(self, queries, n: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(squared distances float32 (Q, n), indices int64 (Q, n)), nearest first."""
@@ -97,7 +147,7 @@ class FlatIndex:
 
 
 def kmeans(
-    x, k: int, niter: int = 20, seed: int = 0, gpu: bool | None = None
+    x, k: int, niter: int = 20, seed: int = 0, gpu: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-means of the rows of x (N, D) -> (centroids float32 (k, D), assignment int64 (N,)).
 
@@ -115,12 +165,12 @@ def kmeans(
         )
     if niter < 1:
         raise ValueError(f"niter must be >= 1, got {niter}")
-    km = faiss.Kmeans(
+    km = _faiss().Kmeans(
         d,
         int(k),
         niter=int(niter),
         seed=int(seed),
-        gpu=use_gpu(gpu),
+        gpu=False,  # the search index is set below, on the one GPU asked for (or the CPU)
         verbose=False,
         # DREAM clusters ~hundreds of samples of one class into 128 clusters, far below FAISS's
         # default 39 points per centroid; the warning it prints then is expected, not a problem.
@@ -129,6 +179,9 @@ def kmeans(
         # keeps clustering a big class cheap); the default is kept for that reason.
         max_points_per_centroid=256,
     )
+    device = use_gpu(gpu)
+    if device is not None:
+        km.index = _on_gpu(km.index, device)  # what Kmeans.train searches with
     km.train(xs)
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
     # Assign with our own exact index rather than km.index so the GPU/CPU choice is one code
@@ -178,7 +231,7 @@ def minibatch_kmeans(
     seed: int = 0,
     init: str = "kmeans++",
     final_mean: bool = True,
-    gpu: bool | None = None,
+    gpu: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mini-batch k-means (Sculley 2010) of the rows of x (N, D) -> (centroids float32 (k, D),
     assignment int64 (N,) of every row to its nearest final centroid).
@@ -271,12 +324,12 @@ def cluster_masses(assignment, k: int) -> np.ndarray:
     return np.bincount(a, minlength=int(k)).astype(np.int64)
 
 
-def nearest(x, queries, n: int = 1, gpu: bool | None = None) -> np.ndarray:
+def nearest(x, queries, n: int = 1, gpu: int | None = None) -> np.ndarray:
     """Indices int64 (Q, n) of the n nearest rows of x for each query, nearest first."""
     return FlatIndex(x, gpu=gpu).search(queries, n)[1]
 
 
-def nearest_distinct(x, centroids, per_centroid: int = 1, gpu: bool | None = None) -> np.ndarray:
+def nearest_distinct(x, centroids, per_centroid: int = 1, gpu: int | None = None) -> np.ndarray:
     """For each centroid its `per_centroid` nearest rows of x, no row used twice.
 
     Returns int64 (k * per_centroid,), centroid-major (centroid 0's picks first, each
@@ -321,7 +374,7 @@ def nearest_distinct(x, centroids, per_centroid: int = 1, gpu: bool | None = Non
     return np.array([s for p in picks for s in p], dtype=np.int64)
 
 
-def medoids(x, k: int, niter: int = 20, seed: int = 0, gpu: bool | None = None) -> np.ndarray:
+def medoids(x, k: int, niter: int = 20, seed: int = 0, gpu: int | None = None) -> np.ndarray:
     """Indices int64 (k,) of the distinct rows of x nearest the k k-means centroids.
 
     DREAM's cluster-centre initialisation and the real samples standing for each cluster.

@@ -190,8 +190,11 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR-style ResNet (conv3x3 stride-1 stem, no max-pool) as in the DC/IDC code.
 
-    The small stem keeps 28/32/64-px inputs at usable resolution; adaptive average pooling
+    The small stem keeps 28/32/64-px inputs at usable resolution; global average pooling
     (instead of the reference's fixed 4x4 pool) makes the head independent of the input size.
+    It is a mean over (H, W), not nn.AdaptiveAvgPool2d: the same values (torch itself turns a
+    1x1 adaptive pool into this mean), stated so that no pooling kernel without a
+    deterministic CUDA backward can be picked (dream_dist.determinism).
     """
 
     def __init__(
@@ -216,14 +219,13 @@ class ResNet(nn.Module):
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layers = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim: int = in_planes
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
     def embed(self, x: Tensor) -> Tensor:
         """Pooled, flattened output of the last stage, (N, feature_dim)."""
         out = torch.relu(self.bn1(self.conv1(x)))
-        return self.pool(self.layers(out)).flatten(1)
+        return self.layers(out).mean(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.embed(x))
@@ -233,7 +235,7 @@ def _resnet(num_blocks: tuple[int, int, int, int], default_norm: str,
             default_width: int) -> ModelFactory:
     def factory(channels: int, num_classes: int, im_size: int, width: int | None = None,
                 norm: str | None = None) -> nn.Module:
-        # im_size is not needed: the stem and the adaptive pool accept any size >= 8 px.
+        # im_size is not needed: the stem and the global pool accept any size >= 8 px.
         if im_size < 8:
             raise ValueError(f"ResNet needs images of at least 8 px (3 stride-2 stages), "
                              f"got {im_size}")

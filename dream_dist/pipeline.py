@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from dream_dist.data.prepare import open_data
 
 
@@ -57,7 +59,9 @@ def eval_executor(cfg, workers: int, device: str = "cpu"):
         return None
     from dream_dist.distributed.evaluate import ray_executor
 
-    return ray_executor(num_cpus=cfg.threads or 1, num_gpus=1 if str(device).startswith("cuda") else 0)
+    from dream_dist.devices import task_resources
+
+    return ray_executor(**task_resources(device, cfg.threads))
 
 
 def run_method(cfg, method) -> dict:
@@ -72,6 +76,7 @@ def run_method(cfg, method) -> dict:
     prep = method.prepare(cfg, data, out)  # before any compute: a bad config or dataset fails here
     workers = method.workers(cfg)
     start = time.perf_counter()
+    worker_envs = None  # each Ray worker's host, device and GPU (run_sharded's come in its metrics)
     if method.sharded:
         if workers:
             from dream_dist.distributed.train import run_sharded
@@ -83,12 +88,15 @@ def run_method(cfg, method) -> dict:
         if workers:
             from dream_dist.distributed.fanout import map_classes
 
-            parts = map_classes(method, cfg, prep, data, workers)
+            parts, worker_envs = map_classes(method, cfg, prep, data, workers)
         else:
             parts = method.distill_group(cfg, prep, data.classes, data.class_images, cfg.progress)
         sets, metrics = method.assemble(cfg, prep, data, parts, out)
     metrics = {"distill_seconds": time.perf_counter() - start, **metrics, "workers": workers,
+               # the driver's; with workers, worker_environments holds each worker's device and GPU
                "environment": environment(cfg.device)}
+    if worker_envs is not None:
+        metrics["worker_environments"] = worker_envs
 
     paths = []
     for s in sets:
@@ -173,9 +181,17 @@ def evaluate_set(cfg) -> dict:
         obs_path = ((loaded.source or {}).get("metrics", {}).get("observer") or {}).get("path")
         if ocfg.path is None and obs_path:
             ocfg = dataclasses.replace(ocfg, path=obs_path)  # the observer the producing run saved
+        device = cfg.device
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # A CPU driver of GPU eval tasks (evaluate.workers > 0): it only holds the observer,
+            # which each task moves to its own GPU; training one here would be GPU work.
+            if ocfg.path is None:
+                raise ConfigError(f"device: {device!r}: the KD observer would be trained on this driver, which "
+                                  f"has no CUDA; give observer.path (task=train_observer on a GPU machine)")
+            device = "cpu"
         observer, _ = get_observer(ocfg, data.train_stream() if ocfg.path is None else data.meta(), data.mean, data.std,
                                    seed=cfg.seed, save_to=out / "observer.pt", progress=cfg.progress,
-                                   device=cfg.device)
+                                   device=device)
         protocols = {m: KDProtocol(dataclasses.replace(kcfg, model=m, width=None if m != kcfg.model else kcfg.width,
                                                        norm=None if m != kcfg.model else kcfg.norm),
                                    observer, data.test(), data.mean, data.std) for m in e.models}

@@ -29,3 +29,18 @@ def generator(*keys: int) -> torch.Generator:
 # Purposes, so that streams for different uses never collide.
 NET_INIT, REAL_BATCH, DSA_DRAW, NET_BATCH, NET_AUG, SYN_INIT, CLUSTER, POOL, INIT_NET = range(1, 10)
 WARMUP, NET_MIX, SYN_SUBSAMPLE = range(10, 13)
+
+
+def host_values(t: torch.Tensor) -> list:
+    """The values of a CPU tensor (a draw from a CPU generator) as Python numbers, read
+    without a per-value scalar read (no aten._local_scalar_dense: on CUDA that would be a
+    device sync, and the engine's sync count counts every one). Refuses a device tensor."""
+    if t.device.type != "cpu":
+        raise ValueError(f"host_values reads CPU tensors only (draws of a CPU generator, "
+                         f"dream_dist.seeding.generator); got one on {t.device}")
+    return t.reshape(-1).numpy().tolist()  # .numpy() raises on a device tensor: never a silent sync
+
+
+def host_ints(t: torch.Tensor) -> list[int]:
+    """host_values of an integer CPU tensor, as ints."""
+    return [int(v) for v in host_values(t)]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dream_dist import determinism
 from dream_dist.config import ConfigError, DataConfig, PackConfig, build
 from dream_dist.distributed.tune import TuneConfig
 from dream_dist.evaluation.kd import KDConfig
@@ -45,6 +46,8 @@ class RunConfig:
     """torch device for the compute (cpu, cuda, cuda:1 ...)."""
     threads: int | None = None
     """torch intra-op threads (None = torch's default)."""
+    deterministic: bool = True
+    """Deterministic CUDA kernels (no TF32, cuDNN/cuBLAS determinism); ignored on CPU."""
     progress: bool = True
     """Show progress bars."""
     dataset: DataConfig = field(default_factory=DataConfig)
@@ -66,20 +69,40 @@ class RunConfig:
             raise ConfigError(f"task: unknown {self.task!r}; known: {', '.join(TASKS)}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads must be >= 1")
-        # In-process compute on an absent GPU is an error, not a silent CPU fallback. Ray runs
-        # are exempt: their driver may be a CPU head node whose workers hold the GPUs.
-        on_ray = self.task == "tune" or (self.task in METHODS and METHODS[self.task].workers(self) > 0)
-        for key, device in (("device", self.device), ("eval.device", self.eval.device), ("kd.device", self.kd.device)):
-            if str(device).startswith("cuda") and not on_ray:
-                import torch
-
-                if not torch.cuda.is_available():
-                    raise ConfigError(f"{key}: {device!r} requested but CUDA is not available here "
-                                      f"(torch {torch.__version__}); use device=cpu or a CUDA machine")
+        self._check_driver_devices()
         if self.out_dir is None:
             self.out_dir = f"outputs/{self.task}/{self.dataset.name}"
         if self.pack.out is None:
             self.pack.out = f"outputs/packed/{self.dataset.name}"
+
+    def _check_driver_devices(self) -> None:
+        """Compute on an absent GPU is an error, not a silent CPU fallback, wherever it runs on
+        this process (the driver). What runs on Ray workers is exempt (a CPU head node may drive
+        GPU workers), and only that: a method's driver-side models (RDED's observer, DDOQ's
+        autoencoder, the coreset feature net) and an in-process evaluation are not."""
+        if not any(str(d).startswith("cuda") for d in (self.device, self.eval.device, self.kd.device)):
+            return
+        if torch.cuda.is_available():
+            return
+        method = METHODS.get(self.task)
+        workers = method.workers(self) if method is not None else 0
+        if self.task == "tune":  # trials are Ray actors with their own resources (tune.gpus_per_trial)
+            return
+        # Evaluation runs as Ray tasks when the method ran on Ray, and for task=evaluate with workers.
+        eval_on_ray = workers > 0 or (self.task == "evaluate" and self.evaluate.workers > 0)
+        where = (f"{self.task}.workers={workers}: " if workers else "")
+        for key, device, remote in (("device", self.device, workers > 0 or eval_on_ray),
+                                    ("eval.device", self.eval.device, eval_on_ray),
+                                    ("kd.device", self.kd.device, eval_on_ray)):
+            if not str(device).startswith("cuda"):
+                continue
+            if not remote:
+                raise ConfigError(f"{key}: {device!r} requested but CUDA is not available here "
+                                  f"(torch {torch.__version__}); use {key}=cpu or a CUDA machine")
+            if key == "device" and method is not None and method.driver_models(self):
+                raise ConfigError(f"device: {device!r} with {where}{', '.join(method.driver_models(self))} "
+                                  f"runs on this driver, which has no CUDA; run the driver on a GPU node "
+                                  f"or use device=cpu")
 
 
 
@@ -151,6 +174,7 @@ def run(cfg) -> dict:
     """Run one validated RunConfig: threads and seed set, out_dir made, the task's summary returned."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    determinism.configure(cfg.device, cfg.deterministic)
     torch.manual_seed(cfg.seed)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -9,13 +9,13 @@ the observer start from, and its batched feature pass.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dream_dist.data.base import ImageSet, StreamedSet, normalize, read_batches
 from dream_dist.models import build_model
 from dream_dist.seeding import generator
+from dream_dist.determinism import cross_entropy
 
 __all__ = ["extract_features", "train_feature_net"]
 
@@ -98,14 +98,16 @@ def train_feature_net(
                disable=None if progress else True,
                desc=f"feature net ({model})", leave=False)
     for _ in range(epochs):
+        total = 0.0
         for b, images in read_batches(train, idx[torch.randperm(len(idx), generator=g)].split(batch_size)):
             # Normalise per batch: a float copy of the whole set would be 4x its uint8 size.
             x = normalize(images.to(device), mean, std)
-            loss = F.cross_entropy(net(x), train.labels[b].to(device))
+            loss = cross_entropy(net(x), train.labels[b].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            total = total + loss.detach() * len(b)  # on the device: read once per epoch
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{float(total) / len(idx):.3f}")
     bar.close()
     return net.eval()

@@ -115,6 +115,9 @@ def test_cli_dispatches_to_ray_workers(local_ray, reference, tmp_path):
     out = tmp_path / "run"
     summary = main([*args, f"out_dir={out}", "distill.workers=2"])
     assert summary["metrics"]["workers"] == 2
+    # results.json records every worker's device, not only the driver's (both on the CPU here).
+    envs = json.loads((out / "results.json").read_text())["metrics"]["worker_environments"]
+    assert [e["rank"] for e in envs] == [0, 1] and all(e["device"] == "cpu" and e["gpu"] is None for e in envs)
     assert (out / "tb" / "dream_plus" / "run0").is_dir()  # evaluation logs (Ray tasks write the same layout)
     got = load_distilled(out / "distilled.pt").stored
     torch.testing.assert_close(got.images, ref.images, rtol=1e-5, atol=1e-5)

@@ -55,6 +55,9 @@ def test_bidirectional_is_weighted_sum_of_its_parts(digits):
     _, g = match_loss(net, real, y_r, syn, y_s, "gradient", "mse")
     _, f = match_loss(net, real, y_r, syn, y_s, "feature", "mse")
     loss, parts = match_loss(net, real, y_r, syn, y_s, "bidirectional", "mse", lambda_grad=2.0, lambda_feat=0.5)
+    # The parts stay 0-d tensors on the loss's device (read once per step by the engine).
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in (*g.values(), *f.values(), *parts.values()))
+    g, f, parts = ({k: float(v) for k, v in d.items()} for d in (g, f, parts))
     assert parts["grad"] == pytest.approx(g["grad"], rel=1e-5) and parts["feat"] == pytest.approx(f["feat"], rel=1e-5)
     assert loss.item() == pytest.approx(2.0 * g["grad"] + 0.5 * f["feat"], rel=1e-5)
     # Feature term by hand: squared distance of the mean embeddings.

@@ -49,8 +49,10 @@ def test_class_fanout_on_ray_gives_the_in_process_parts(task, overrides, packed,
     data = open_data(cfg)
     prep = method.prepare(cfg, data, tmp_path)
     here = method.distill_group(cfg, prep, data.classes, data.class_images)
-    there = map_classes(method, cfg, prep, data, workers=3)
+    there, envs = map_classes(method, cfg, prep, data, workers=3)
     _parts_equal(here, there)
+    # Each task reports where it ran: 3 tasks, on the CPU (device=cpu reserves no GPU).
+    assert len(envs) == 3 and all(e["device"] == "cpu" and e["gpu"] is None for e in envs)
     sets, _ = method.assemble(cfg, prep, data, there, tmp_path)
     assert sets[0].images.shape[0] == 3 * 10 and sets[0].labels.tolist() == [c for c in range(10) for _ in range(3)]
 

@@ -137,7 +137,7 @@ def test_ray_tasks_give_the_same_set(packed_digits, local_ray):
     classes = [0, 3, 5, 7, 9]
     local = distill_classes(data.reader.load_class, classes, obs, data.mean, data.std, cfg.rded, 2, seed=3,
                             progress=False)
-    parts = map_classes(METHODS["rded"], cfg, RDEDPrep(obs, {}, 2, data.mean, data.std), data, workers=2)
+    parts, _ = map_classes(METHODS["rded"], cfg, RDEDPrep(obs, {}, 2, data.mean, data.std), data, workers=2)
     assert sorted(parts) == classes
     assert local[0].shape == (10, 1, 28, 28) and local[1].tolist() == [0, 0, 3, 3, 5, 5, 7, 7, 9, 9]
     assert torch.equal(local[0], torch.cat([parts[c][0] for c in classes]))

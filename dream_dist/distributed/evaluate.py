@@ -15,6 +15,8 @@ Joins the running cluster when there is one, else starts Ray on this machine (`e
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -26,10 +28,30 @@ from dream_dist.evaluation.loop import EvalJob, EvalResult, Executor, Outcome, r
 from dream_dist.evaluation.protocol import EvalConfig, _check_args, hard_label_job
 
 
-def _run_task(runner, run: int, threads: int) -> Outcome:
-    """One evaluation run inside a Ray worker."""
+def on_task_device(runner):
+    """`runner` computing on this Ray task's own device: a runner whose config names cuda:N
+    (a GPU of the driver's machine) gets cuda:0, the one GPU the task reserved."""
+    from dream_dist.devices import task_device
+
+    cfg = getattr(runner, "cfg", None)
+    if cfg is None or not hasattr(cfg, "device"):
+        return runner
+    device = task_device(cfg.device)
+    if device == str(cfg.device):
+        return runner
+    runner = copy.copy(runner)
+    runner.cfg = dataclasses.replace(cfg, device=device)
+    return runner
+
+
+def _run_task(runner, run: int, threads: int, deterministic: bool = True) -> Outcome:
+    """One evaluation run inside a Ray worker, on the task's own device."""
+    from dream_dist import determinism
+
     # Ray workers otherwise use torch's default thread count, oversubscribing the node.
     torch.set_num_threads(threads)
+    runner = on_task_device(runner)
+    determinism.configure(runner.cfg.device if hasattr(runner, "cfg") else "cpu", deterministic)
     return runner(run, None)
 
 

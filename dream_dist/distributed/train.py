@@ -45,7 +45,35 @@ def _load_merged(ckpt_dir: str, load=None) -> dict:
     states = [load(f) for f in files]  # weights_only: a planted pickle never runs
     merged = dict(states[0])
     merged["classes"] = {c: s for st in states for c, s in st["classes"].items()}
+    merged["worker_environments"] = [st["worker_environment"] for st in states if "worker_environment" in st]
+    merged.pop("worker_environment", None)
     return merged
+
+
+def bucketed_allreduce(buffers: list[torch.Tensor], all_reduce, stats: dict | None = None) -> None:
+    """Sum `buffers` across workers in place with ONE `all_reduce` call per (dtype, device):
+    they are flattened into one bucket, reduced, and copied back.
+
+    One call instead of one per tensor (a network has a dozen parameter tensors) saves the
+    per-call latency of NCCL/gloo. stats: adds "bytes", "calls" and "seconds"; the timer waits
+    for the device (torch.cuda.synchronize) so it measures the reduction, not its enqueue."""
+    t0 = time.perf_counter()
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for b in buffers:
+        groups.setdefault((b.dtype, b.device), []).append(b)
+    for (_, device), group in groups.items():
+        flat = torch.cat([b.reshape(-1) for b in group]) if len(group) > 1 else group[0].reshape(-1)
+        all_reduce(flat)
+        if len(group) > 1 or flat.data_ptr() != group[0].data_ptr():
+            for b, part in zip(group, flat.split([b.numel() for b in group])):
+                b.copy_(part.view_as(b))
+        if stats is not None:
+            stats["bytes"] = stats.get("bytes", 0) + flat.numel() * flat.element_size()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if stats is not None:
+        stats["calls"] = stats.get("calls", 0) + 1
+        stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - t0
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -64,7 +92,14 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.device.startswith("cuda"):
         if not torch.cuda.is_available():  # an error, never a silent CPU fallback
             raise ConfigError(f"device: {cfg.device!r} requested but Ray worker {rank} has no CUDA device")
+        # This worker's own GPU (Ray Train may show a node's workers all of its GPUs): torch,
+        # the engine and FAISS (kmeans.gpu_for) all use this one index and no other.
         device = str(ray.train.torch.get_device())
+        torch.cuda.set_device(torch.device(device))
+    from dream_dist import determinism
+    from dream_dist.devices import describe
+
+    determinism.configure(device, cfg.deterministic)
 
     reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
     counts_all = reader.index["counts"]
@@ -75,12 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
     comm = {"bytes": 0, "seconds": 0.0, "calls": 0}
 
     def allreduce(buffers: list[torch.Tensor]) -> None:
-        t0 = time.perf_counter()
-        for b in buffers:
-            dist.all_reduce(b)  # SUM of float64 per-class contributions
-            comm["bytes"] += b.numel() * b.element_size()
-        comm["calls"] += 1
-        comm["seconds"] += time.perf_counter() - t0
+        bucketed_allreduce(buffers, dist.all_reduce, comm)  # SUM of float64 per-class contributions
 
     log = None
     if rank == 0 and config.get("log_dir"):
@@ -108,7 +138,9 @@ def train_loop_per_worker(config: dict) -> None:
     while d.global_step < total:
         d.run(until_step=min(total, (d.global_step // every + 1) * every))
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(d.state_dict(), os.path.join(tmp, f"rank{rank:04d}.pt"))
+            # Each rank's device record rides in its checkpoint part: the driver lists them all.
+            torch.save({**d.state_dict(), "worker_environment": {"rank": rank, **describe(device)}},
+                       os.path.join(tmp, f"rank{rank:04d}.pt"))
             last = d.history[-1] if d.history else {}
             ray.train.report({"step": d.global_step, "loss": last.get("loss/total", 0.0),
                               "classes": len(mine), "opened_shards": len(reader.opened),
@@ -129,7 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def distill_on_ray(cfg, method, num_workers: int, max_failures: int = 0, storage: str | Path | None = None,
                    after_report=None, log_dir: str | Path | None = None, packed: str | Path | None = None,
-                   prep=None, data=None):
+                   prep=None, data=None, merge: bool = True):
     """Distil cfg's dataset with the sharded `method` on `num_workers` Ray Train workers.
 
     Joins the running cluster when there is one (RAY_ADDRESS or `ray start` on this node),
@@ -138,7 +170,8 @@ def distill_on_ray(cfg, method, num_workers: int, max_failures: int = 0, storage
     after_report(rank, step): called in each worker after each checkpoint report (fault drills).
     log_dir: rank 0 writes the per-step scalars there (TensorBoard).
     packed / prep / data: what the caller has already (else opened and prepared here).
-    Returns (stored images, labels, ray.train.Result) of the method's first set.
+    Returns (stored images, labels, ray.train.Result) of the method's first set; with
+    merge=False, (None, None, result): the caller merges the checkpoint itself (once).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -178,30 +211,39 @@ def distill_on_ray(cfg, method, num_workers: int, max_failures: int = 0, storage
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()
+    if not merge:
+        return None, None, result
     sets = merged_sets(result.checkpoint, cfg, method, prep, data)
     return sets[0].images, sets[0].labels, result
 
 
+def merged_state(checkpoint, method) -> dict:
+    """Every rank's part of a Ray checkpoint (a ray.train.Checkpoint or its directory), merged."""
+    if isinstance(checkpoint, (str, Path)):
+        return _load_merged(str(checkpoint), method.load_checkpoint)
+    with checkpoint.as_directory() as ckpt_dir:
+        return _load_merged(ckpt_dir, method.load_checkpoint)
+
+
 def merged_sets(checkpoint, cfg, method, prep, data):
     """The method's sets from a Ray checkpoint (a ray.train.Checkpoint or its directory)."""
-    if isinstance(checkpoint, (str, Path)):
-        state = _load_merged(str(checkpoint), method.load_checkpoint)
-    else:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = _load_merged(ckpt_dir, method.load_checkpoint)
-    return method.sets_from_state(cfg, prep, state, data.mean, data.std)
+    return method.sets_from_state(cfg, prep, merged_state(checkpoint, method), data.mean, data.std)
 
 
 def run_sharded(cfg, method, prep, data, out: Path, workers: int):
     """The pipeline's Ray path for a sharded method -> (sets, metrics)."""
     start = time.perf_counter()
     _, _, result = distill_on_ray(cfg, method, workers, max_failures=cfg.distill.max_failures,
-                                  storage=out / "ray", log_dir=out / "tb" / "distill", prep=prep, data=data)
-    sets = merged_sets(result.checkpoint, cfg, method, prep, data)
+                                  storage=out / "ray", log_dir=out / "tb" / "distill", prep=prep, data=data,
+                                  merge=False)
+    state = merged_state(result.checkpoint, method)  # merged once
+    sets = method.sets_from_state(cfg, prep, state, data.mean, data.std)
     metrics = {"distill_seconds": time.perf_counter() - start, "startup_seconds": 0.0,
                "steps": result.metrics["step"], "peak_rss_mb_rank0": result.metrics.get("peak_rss_mb"),
                "bytes_read_rank0": result.metrics.get("bytes_read"),
                "min_bytes_rank0": result.metrics.get("min_bytes"),
                # rank 0's own time in the steps (distill_seconds above includes Ray's start-up)
-               "steps_seconds_rank0": result.metrics.get("distill_seconds")}
+               "steps_seconds_rank0": result.metrics.get("distill_seconds"),
+               # every rank's host, device and GPU (dream_dist.devices.describe), by rank
+               "worker_environments": state.get("worker_environments", [])}
     return sets, metrics

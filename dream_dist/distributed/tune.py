@@ -294,6 +294,13 @@ def distill_trial(config: dict, base, method, tcfg: TuneConfig, out: str, total:
     out = Path(out)
     trial_dir = out / "trials" / trial_id
     cfg = trial_config(base, trial_overrides(base.distill.overrides, config, spc), trial_dir, tcfg.report_every)
+    if tcfg.gpus_per_trial:
+        # The trial's reserved GPU is its only visible one (cuda:0), whatever cuda:N the driver named.
+        from dream_dist.devices import task_device
+
+        cfg = dataclasses.replace(
+            cfg, device=cfg.device if tcfg.workers_per_trial else task_device(cfg.device),
+            eval=dataclasses.replace(cfg.eval, device=task_device(cfg.eval.device)))
     torch.set_num_threads(max(1, int(tcfg.cpus_per_trial)))
     data = open_data(cfg, method.memory_budget_mb(cfg))
     p = method.prepare(cfg, data, trial_dir)
@@ -377,17 +384,46 @@ def resources(tcfg: TuneConfig):
     return tune.PlacementGroupFactory([bundle])
 
 
-def concurrency(tcfg: TuneConfig) -> int | None:
-    """max_concurrent_trials for Tune: the configured one, or (trials with workers) as many as the
-    cluster's CPUs hold driver + workers for, since Tune sees only the driver bundle."""
-    import ray
+def trial_demand(tcfg: TuneConfig, device: str = "cpu", threads: int | None = None) -> dict[str, float]:
+    """Everything one trial holds at once: its own bundle (driver and quick evaluations) plus,
+    with workers, its Ray Train workers (threads CPUs each, and one GPU each when device=cuda)."""
+    from dream_dist.devices import task_resources
 
+    worker = task_resources(device, threads)
+    n = tcfg.workers_per_trial
+    return {"CPU": tcfg.cpus_per_trial + n * worker["num_cpus"],
+            "GPU": tcfg.gpus_per_trial + n * worker["num_gpus"]}
+
+
+def concurrency(tcfg: TuneConfig, device: str = "cpu", threads: int | None = None,
+                cluster: dict | None = None) -> int | None:
+    """max_concurrent_trials for Tune: the configured one, or (trials with workers) as many as the
+    cluster's CPUs AND GPUs hold driver + workers for, since Tune sees only the driver bundle.
+    cluster: the cluster's resources (default ray.cluster_resources())."""
     if tcfg.max_concurrent_trials:
         return tcfg.max_concurrent_trials
     if tcfg.workers_per_trial == 0:
         return None
-    cpus = ray.cluster_resources().get("CPU", 1)
-    return max(1, int(cpus // (tcfg.cpus_per_trial + tcfg.workers_per_trial)))
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    need = trial_demand(tcfg, device, threads)
+    fits = [cluster.get(r, 0) // amount for r, amount in need.items() if amount > 0]
+    return max(1, int(min(fits)))
+
+
+def check_trial_devices(cfg) -> None:
+    """A trial's own process computes on a GPU when it distils in process with device=cuda or
+    quick-evaluates with eval.device=cuda: it must then reserve one (tune.gpus_per_trial)."""
+    tcfg = cfg.tune
+    uses = []
+    if cfg.device.startswith("cuda") and not tcfg.workers_per_trial:
+        uses.append(f"distils in the trial with device={cfg.device}")
+    if str(cfg.eval.device).startswith("cuda"):
+        uses.append(f"quick-evaluates with eval.device={cfg.eval.device}")
+    if uses and not tcfg.gpus_per_trial:
+        raise ConfigError(f"tune.gpus_per_trial must be > 0: a trial {' and '.join(uses)} (it would get no GPU)")
 
 
 def run_tune(cfg, method) -> dict:
@@ -403,8 +439,7 @@ def run_tune(cfg, method) -> dict:
     tcfg = cfg.tune
     out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.device.startswith("cuda") and not tcfg.gpus_per_trial and not tcfg.workers_per_trial:
-        raise ConfigError("tune.gpus_per_trial must be > 0 with device=cuda (a trial would get no GPU)")
+    check_trial_devices(cfg)
     # Pack once here: trials run in other processes (and other working directories), so they
     # get absolute paths and never pack concurrently.
     packed = ensure_packed(cfg).resolve()
@@ -445,7 +480,7 @@ def run_tune(cfg, method) -> dict:
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=tcfg.metric, mode=mode, scheduler=scheduler,
-                                    num_samples=tcfg.num_samples, max_concurrent_trials=concurrency(tcfg),
+                                    num_samples=tcfg.num_samples, max_concurrent_trials=concurrency(tcfg, cfg.device, cfg.threads),
                                     search_alg=BasicVariantGenerator(random_state=cfg.seed)),
         run_config=tune.RunConfig(name=tcfg.name, storage_path=str(out / "ray"), verbose=1),
     )

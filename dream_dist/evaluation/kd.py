@@ -269,9 +269,9 @@ def train_student(student: nn.Module, teacher: nn.Module, images: Tensor, num_cl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(b)
+            total = total + loss.detach() * len(b)  # on the device: read once per epoch
         sched.step()
-        losses.append(total / n)
+        losses.append(float(total) / n)
         if progress is not None:
             progress.update(1)
     return losses

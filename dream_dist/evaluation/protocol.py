@@ -357,9 +357,9 @@ def train_network(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(b)
+            total = total + loss.detach() * len(b)  # on the device: read once per epoch
         sched.step()
-        losses.append(total / n)
+        losses.append(float(total) / n)
         if on_epoch is not None:
             on_epoch(epoch + 1, model)
         if progress is not None:
@@ -382,10 +382,10 @@ def test_accuracy(model: nn.Module, test: ImageSet, mean, std, batch_size: int =
     try:
         for xb, yb in zip(test.images.split(batch_size), test.labels.split(batch_size)):
             pred = model(normalize(xb.to(device), mean, std)).argmax(1)
-            correct += int((pred == yb.to(device)).sum())
+            correct = correct + (pred == yb.to(device)).sum()  # read once, after the loop
     finally:
         model.train(was_training)
-    return 100.0 * correct / len(test)
+    return 100.0 * int(correct) / len(test)
 
 
 # Its name starts with "test": without this, pytest collects it as a test wherever it is imported.

@@ -74,6 +74,25 @@ class Method:
         """`prep` as Ray workers and tasks receive it (e.g. models moved to the CPU)."""
         return prep
 
+    def prep_to(self, prep, device: str) -> Any:
+        """`prep` with its models on `device`, inside a Ray task that computes there (its own
+        GPU). The default moves every torch module field of a dataclass prep."""
+        import dataclasses
+
+        from torch import nn
+
+        if not dataclasses.is_dataclass(prep):
+            return prep
+        moved = {f.name: getattr(prep, f.name).to(device) for f in dataclasses.fields(prep)
+                 if isinstance(getattr(prep, f.name), nn.Module)}
+        return dataclasses.replace(prep, **moved) if moved else prep
+
+    def driver_models(self, cfg) -> list[str]:
+        """Models this method trains or runs on the driver at cfg.device (an observer, a feature
+        net, an autoencoder), even when its classes go to Ray workers. With device=cuda they
+        need a GPU on the driver: the run is refused up front on a CPU driver."""
+        return []
+
     def summary(self, cfg, prep) -> dict:
         """Extra keys of results.json (the method's resolved settings)."""
         return {}

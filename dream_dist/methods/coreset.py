@@ -198,6 +198,9 @@ class CoresetMethod(Method):
     def workers(self, cfg) -> int:
         return cfg.coreset.workers
 
+    def driver_models(self, cfg) -> list[str]:
+        return ["the feature net"] if any(m != "random" for m in cfg.coreset.methods) else []
+
     def prepare(self, cfg, data, out: Path) -> CoresetPrep:
         c = cfg.coreset
         small = [k for k in data.classes if data.counts_all[k] < c.ipc]

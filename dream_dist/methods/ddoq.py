@@ -62,7 +62,7 @@ from dream_dist.data.base import ImageSet, StreamedSet, denormalize, normalize
 from dream_dist.encoders import ENCODERS, AutoencoderConfig, Encoder, encoder_options
 from dream_dist.errors import ConfigError, DataError
 from dream_dist.methods.base import Method, SynthSet
-from dream_dist.kmeans import KMEANS_INITS, cluster_masses, minibatch_kmeans
+from dream_dist.kmeans import KMEANS_INITS, cluster_masses, gpu_for, minibatch_kmeans
 from dream_dist.memory import release_free_memory
 from dream_dist.seeding import CLUSTER, derive_seed
 
@@ -191,7 +191,7 @@ class Quantized(NamedTuple):
 
 
 def quantize(latents: Tensor, k: int, batch_size: int = 1024, niter: int = 100, seed: int = 0,
-             init: str = "kmeans++", gpu: bool | None = None) -> Quantized:
+             init: str = "kmeans++", gpu: int | None = None) -> Quantized:
     """Mini-batch k-means of latents (N, ...) flattened to (N, D); centroids keep the latent shape."""
     flat = latents.reshape(len(latents), -1).float()
     cents, assign = minibatch_kmeans(flat, k, batch_size=batch_size, niter=niter, seed=seed,
@@ -237,7 +237,8 @@ def distill_class(encoder: Encoder, images: Tensor, mean, std, cfg: DDOQConfig, 
     if cfg.ipc > len(images):
         raise DataError(f"ipc={cfg.ipc} centroids need at least as many images; the class has {len(images)}")
     z = encode_images(encoder, images, mean, std, cfg.batch_size, device)
-    q = quantize(z, cfg.ipc, cfg.kmeans_batch_size, cfg.kmeans_iterations, seed, cfg.kmeans_init)
+    q = quantize(z, cfg.ipc, cfg.kmeans_batch_size, cfg.kmeans_iterations, seed, cfg.kmeans_init,
+                 gpu=gpu_for(device))  # FAISS on the encoder's GPU, never on another
     return decode_latents(encoder, q.centroids, mean, std, cfg.batch_size, device), q
 
 
@@ -345,6 +346,10 @@ class DDOQMethod(Method):
 
     def workers(self, cfg) -> int:
         return cfg.ddoq.workers
+
+    def driver_models(self, cfg) -> list[str]:
+        return ([f"the {cfg.ddoq.encoder} encoder"] if cfg.ddoq.encoder != "identity" else []) + \
+            (["the observer (soft labels)"] if cfg.ddoq.soft_labels else [])
 
     def prepare(self, cfg, data, out: Path) -> DDOQPrep:
         d = cfg.ddoq

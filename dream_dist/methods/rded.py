@@ -46,6 +46,7 @@ from dream_dist.memory import release_free_memory
 from dream_dist.evaluation.kd import random_resized_crop
 from dream_dist.evaluation.observer import soft_labels
 from dream_dist.seeding import derive_seed
+from dream_dist.determinism import cross_entropy
 
 __all__ = [
     "LEVELS",
@@ -158,7 +159,7 @@ def score_crops(observer: nn.Module, crops: Tensor, label: int, size: int,
     for x in crops.split(batch_size):
         logits = observer(_to_canvas(x, size).to(device)).float()
         target = torch.full((len(x),), int(label), device=device, dtype=torch.long)
-        out.append(F.cross_entropy(logits, target, reduction="none").cpu())
+        out.append(cross_entropy(logits, target, reduction="none").cpu())
     return torch.cat(out)
 
 
@@ -271,6 +272,9 @@ class RDEDMethod(Method):
 
     def workers(self, cfg) -> int:
         return cfg.rded.workers
+
+    def driver_models(self, cfg) -> list[str]:
+        return ["the observer (trained or loaded, tested, and relabelling the set)"]
 
     def prepare(self, cfg, data, out: Path) -> RDEDPrep:
         from dream_dist.evaluation.observer import get_observer

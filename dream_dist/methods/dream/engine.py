@@ -43,6 +43,23 @@ from dream_dist.seeding import INIT_NET, NET_INIT, NET_MIX, WARMUP, derive_seed,
 AllReduce = Callable[[list[torch.Tensor]], None]
 
 
+def host_metrics(metrics: dict) -> dict[str, float]:
+    """A step's metrics as Python floats, with ONE read per device for all tensor values.
+
+    The shards keep per-class losses and MMDs as 0-d tensors on their device: reading each
+    one would sync a CUDA device once per class. Stacking them and reading the stack syncs once
+    per step (and is the point where the step's queued kernels are waited for)."""
+    out = {k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+    groups: dict[torch.device, list[str]] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            groups.setdefault(v.device, []).append(k)
+    for keys in groups.values():
+        values = torch.stack([metrics[k].detach().reshape(()).double() for k in keys]).tolist()
+        out.update(zip(keys, values))
+    return {k: out[k] for k in metrics}
+
+
 class GradAccumulator:
     """Sums per-class gradient contributions in float64, then writes float32 .grad.
 
@@ -149,7 +166,7 @@ class Distiller:
                                weight_decay=cfg.weight_decay_net or 0.0)
 
     def _sync_step(self, net: nn.Module, opt: torch.optim.Optimizer,
-                   add_grads: Callable[[Callable[[], None]], float]) -> float:
+                   add_grads: Callable[[Callable[[], None]], torch.Tensor | float]) -> torch.Tensor | float:
         """One data-parallel SGD step: every shard adds its classes' gradient, the float64
         sums are all-reduced across workers (when distributed), then the step is taken."""
         opt.zero_grad(set_to_none=True)
@@ -161,7 +178,8 @@ class Distiller:
         opt.step()
         return loss
 
-    def real_step(self, net: nn.Module, opt: torch.optim.Optimizer, batch: int, keys: tuple[int, ...]) -> float:
+    def real_step(self, net: nn.Module, opt: torch.optim.Optimizer, batch: int,
+                  keys: tuple[int, ...]) -> torch.Tensor | float:
         """One SGD step of the network on a global real mini-batch of `batch` images, with the
         per-sample augmentation and CutMix of the IDC/DREAM code's train_epoch.
 
@@ -282,6 +300,7 @@ class Distiller:
                 for j in range(cfg.net_steps):
                     metrics["loss/net"] = self._net_update(j)
                 metrics["time/net"] = time.perf_counter() - t1
+            metrics = host_metrics(metrics)  # the step's one read (and wait) of device values
             metrics["time/step"] = time.perf_counter() - t0
             self._io_end(marks, metrics)
             self.timing["distill"] += metrics["time/step"]
@@ -300,7 +319,7 @@ class Distiller:
                              if k in ("loss/total", "time/step")}, refresh=False)
         bar.close()
 
-    def _net_update(self, j: int) -> float:
+    def _net_update(self, j: int) -> torch.Tensor | float:
         cfg, net = self.cfg, self.net
         keys = (self.it, self.step, j)
         if cfg.net_update == "real":

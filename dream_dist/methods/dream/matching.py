@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dream_dist.determinism import cross_entropy
+
 DISTANCES = ("cos", "mse", "l1")
 LOSSES = ("gradient", "feature", "bidirectional")
 
@@ -50,7 +52,7 @@ def matched_parameters(net: nn.Module, include_fc: bool) -> list[tuple[str, nn.P
 
 def _soft_ce(logits: Tensor, targets: Tensor) -> Tensor:
     if targets.dtype == torch.long:
-        return F.cross_entropy(logits, targets)
+        return cross_entropy(logits, targets)
     return -(targets * F.log_softmax(logits, -1)).sum(-1).mean()
 
 
@@ -65,10 +67,12 @@ def match_loss(
     lambda_grad: float = 1.0,
     lambda_feat: float = 1.0,
     include_fc: bool = False,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Matching loss of one class; differentiable w.r.t. `syn`.
 
-    Returns (loss, parts) where parts has 'grad' and/or 'feat' distances (floats, for logs).
+    Returns (loss, parts) where parts has 'grad' and/or 'feat' distances, detached 0-d
+    tensors on the loss's device (for logs: the caller reads them once per step, since every
+    read of a CUDA value is a device sync).
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
@@ -80,16 +84,16 @@ def match_loss(
         emb_r = net.embed(real)
     emb_s = net.embed(syn)
     total = syn.new_zeros(())
-    parts: dict[str, float] = {}
+    parts: dict[str, Tensor] = {}
     if want_grad:
         params = [p for _, p in matched_parameters(net, include_fc)]
         g_real = torch.autograd.grad(_soft_ce(net.classifier(emb_r), y_real), params, retain_graph=want_feat)
         g_syn = torch.autograd.grad(_soft_ce(net.classifier(emb_s), y_syn), params, create_graph=True)
         d = sum(distance(gr.detach(), gs, metric) for gr, gs in zip(g_real, g_syn))
         total = total + lambda_grad * d
-        parts["grad"] = float(d.detach())
+        parts["grad"] = d.detach()
     if want_feat:
         d = distance(emb_r.detach().mean(0), emb_s.mean(0), metric)
         total = total + lambda_feat * d
-        parts["feat"] = float(d.detach())
+        parts["feat"] = d.detach()
     return total, parts

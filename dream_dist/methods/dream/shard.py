@@ -27,6 +27,8 @@ from dream_dist.methods.dream.config import DistillConfig
 from dream_dist.methods.dream.matching import match_loss
 from dream_dist.errors import CheckpointError, DataError
 from dream_dist.formation import decode, tile
+from dream_dist.determinism import cross_entropy
+from dream_dist.devices import to_device
 from dream_dist.seeding import (CLUSTER, DSA_DRAW, NET_AUG, NET_BATCH, POOL, REAL_BATCH,
                                 SYN_INIT, SYN_SUBSAMPLE, derive_seed, generator)
 
@@ -44,8 +46,9 @@ class BatchPlan:
     def __init__(self, class_counts: list[int], batch: int, seed: int, keys: tuple[int, ...]):
         g = generator(seed, NET_BATCH, *keys)
         counts = torch.tensor(class_counts, dtype=torch.float)
+        # A host-side draw (CPU generator), read with .numpy(): never a device sync.
         self.per_class = torch.bincount(torch.multinomial(counts, batch, replacement=True, generator=g),
-                                        minlength=len(class_counts)).tolist()
+                                        minlength=len(class_counts)).numpy().tolist()
         self.offsets = [0]
         for m in self.per_class[:-1]:
             self.offsets.append(self.offsets[-1] + m)
@@ -103,6 +106,7 @@ class ClassShard:
         self.num_classes = num_classes
         self.seed = seed
         self.device = torch.device(device)
+        self.faiss_gpu = kmeans.gpu_for(self.device)  # FAISS on this shard's GPU only (None: CPU)
         # Matching augmentation (one draw for the real and the synthetic batch) and the
         # per-sample augmentation of the network's training.
         self.dsa = None
@@ -150,7 +154,8 @@ class ClassShard:
                     pool = self._pool(c, 0, -1)
                     feats = self.features(net, c, pool)
                     idx = pool[torch.from_numpy(
-                        kmeans.medoids(feats, n, niter=cfg.kmeans_iters, seed=derive_seed(self.seed, SYN_INIT, c) % 2**31))]
+                        kmeans.medoids(feats, n, niter=cfg.kmeans_iters, seed=derive_seed(self.seed, SYN_INIT, c) % 2**31,
+                                       gpu=self.faiss_gpu))]
                 else:
                     idx = torch.randperm(self.counts[c], generator=g)[:n]
                 real = take(self.real, c, idx)
@@ -219,16 +224,17 @@ class ClassShard:
             raise DataError(f"class {c}: {k} clusters x {cfg.samples_per_cluster} samples "
                              f"exceed its {len(pool)} clustered images")
         cent, _ = kmeans.kmeans(feats, k, niter=cfg.kmeans_iters,
-                                seed=derive_seed(self.seed, CLUSTER, it, step, c) % 2**31)
-        picks = torch.from_numpy(kmeans.nearest_distinct(feats, cent, cfg.samples_per_cluster))
+                                seed=derive_seed(self.seed, CLUSTER, it, step, c) % 2**31, gpu=self.faiss_gpu)
+        picks = torch.from_numpy(kmeans.nearest_distinct(feats, cent, cfg.samples_per_cluster, gpu=self.faiss_gpu))
         self.selected[c] = pool[picks]
         out["time/kmeans"] = out.get("time/kmeans", 0.0) + time.perf_counter() - t1
         out["time/cluster_features"] = out.get("time/cluster_features", 0.0) + t1 - t0
         mu = feats.mean(0)
         n = len(self.classes)
         rnd = torch.randperm(len(pool), generator=generator(self.seed, REAL_BATCH, it, step, c, 1))[: len(picks)]
-        out["mmd/selected"] = out.get("mmd/selected", 0.0) + float((feats[picks].mean(0) - mu).pow(2).sum()) / n
-        out["mmd/random"] = out.get("mmd/random", 0.0) + float((feats[rnd].mean(0) - mu).pow(2).sum()) / n
+        # Kept as tensors: the engine reads every statistic of a step at once (one sync).
+        out["mmd/selected"] = out.get("mmd/selected", 0.0) + (feats[picks].mean(0) - mu).pow(2).sum() / n
+        out["mmd/random"] = out.get("mmd/random", 0.0) + (feats[rnd].mean(0) - mu).pow(2).sum() / n
         return imgs[picks] if imgs is not None else None
 
     def recluster(self, net: nn.Module, it: int, step: int) -> dict[str, float]:
@@ -248,8 +254,9 @@ class ClassShard:
 
     # ------------------------------------------------------------------ matching
 
-    def match_step(self, net: nn.Module, it: int, step: int) -> dict[str, float]:
-        """One image update per class owned. Returns summed loss parts and timings."""
+    def match_step(self, net: nn.Module, it: int, step: int) -> dict[str, float | Tensor]:
+        """One image update per class owned. Returns summed loss parts (0-d device tensors,
+        never read here: see engine.host_metrics) and timings (floats)."""
         cfg = self.cfg
         out: dict[str, float] = {}
         cluster = cfg.selection == "representative" and (step % cfg.tau == 0 or not self.selected)
@@ -266,7 +273,7 @@ class ClassShard:
             picked = self.select(net, c, it, step, out) if interleave else None
             if picked is None:
                 picked = take(self.real, c, self.real_batch(c, it, step))
-            real = normalize(picked.to(self.device), self.mean, self.std)
+            real = normalize(to_device(picked, self.device), self.mean, self.std)  # pinned, async on CUDA
             syn = decode(self.syn[c], cfg.factor)
             if len(syn) > cfg.batch_syn_max:
                 keep = torch.randperm(len(syn), generator=generator(self.seed, SYN_SUBSAMPLE, it, step, c))
@@ -285,7 +292,7 @@ class ClassShard:
             (g,) = torch.autograd.grad(loss, [self.syn[c]])
             self.syn[c].grad = g
             self.opt[c].step()
-            out["loss/total"] = out.get("loss/total", 0.0) + float(loss.detach())
+            out["loss/total"] = out.get("loss/total", 0.0) + loss.detach()  # read once per step
             for k, v in parts.items():
                 out[f"loss/{k}"] = out.get(f"loss/{k}", 0.0) + v
         out["time/match"] = time.perf_counter() - t0 - (spent() - before)  # selection counted apart
@@ -301,7 +308,7 @@ class ClassShard:
         once per call) from a stream every shard shares; values per image from c's stream."""
         m = plan.per_class[c]
         idx = torch.randint(self.counts[c], (m,), generator=generator(self.seed, NET_BATCH, *plan.keys, c))
-        x = normalize(take(self.real, c, idx).to(self.device), self.mean, self.std)
+        x = normalize(to_device(take(self.real, c, idx), self.device), self.mean, self.std)
         if self.net_aug is not None:
             shared = None
             if self.net_aug.mode == "I":
@@ -319,14 +326,15 @@ class ClassShard:
                 out[plan.positions(c)] = self.real_images(plan, c)
 
     def real_grad(self, net: nn.Module, plan: BatchPlan, collect: Callable[[], None],
-                  full: Tensor | None = None, mix: CutMixDraw | None = None) -> float:
+                  full: Tensor | None = None, mix: CutMixDraw | None = None) -> Tensor | float:
         """Accumulate into net's .grad this shard's share of the gradient of one global real
         mini-batch (mean cross entropy over the whole batch of plan.batch images).
 
         mix: a CutMix draw over the global batch; then `full` holds the whole augmented batch
         (every shard's classes, see fill_real) so an image can take its box from a partner of
         another shard's class, and the loss mixes the two labels by area (IDC's train_epoch).
-        `collect()` is called after each class's backward (see engine.GradAccumulator)."""
+        `collect()` is called after each class's backward (see engine.GradAccumulator).
+        Returns the summed loss as a 0-d device tensor (0.0 without classes), unread."""
         total = 0.0
         b = plan.batch
         for c in self.classes:
@@ -337,21 +345,21 @@ class ClassShard:
             x = full[pos] if full is not None else self.real_images(plan, c)
             y = torch.full((m,), c, device=self.device)
             if mix is None:
-                loss = F.cross_entropy(net(x), y, reduction="sum") / b
+                loss = cross_entropy(net(x), y, reduction="sum") / b
             else:
                 partner = mix.perm[pos].to(self.device)
                 mask = mix.mask(x.shape[-2], x.shape[-1], x.dtype, self.device)
                 out = net(x * (1 - mask) + full[partner] * mask)
                 y_b = plan.labels[mix.perm[pos]].to(self.device)
-                loss = ((1 - mix.area) * F.cross_entropy(out, y, reduction="sum")
-                        + mix.area * F.cross_entropy(out, y_b, reduction="sum")) / b
+                loss = ((1 - mix.area) * cross_entropy(out, y, reduction="sum")
+                        + mix.area * cross_entropy(out, y_b, reduction="sum")) / b
             loss.backward()
             collect()
-            total += float(loss.detach())
+            total = total + loss.detach()
         return total
 
     def syn_grad(self, net: nn.Module, total_images: int, keys: tuple[int, ...],
-                 collect: Callable[[], None]) -> float:
+                 collect: Callable[[], None]) -> Tensor | float:
         """This shard's share of one full-batch step on the (decoded) synthetic set (DC/DSA
         train the network on synthetic data between matching steps)."""
         total = 0.0
@@ -360,10 +368,10 @@ class ClassShard:
             if self.net_aug is not None:
                 x = self.net_aug(x, generator=generator(self.seed, NET_AUG, *keys, c))
             y = torch.full((len(x),), c, device=self.device)
-            loss = F.cross_entropy(net(x), y, reduction="sum") / total_images
+            loss = cross_entropy(net(x), y, reduction="sum") / total_images
             loss.backward()
             collect()
-            total += float(loss.detach())
+            total = total + loss.detach()
         return total
 
     # ------------------------------------------------------------------ checkpoints
