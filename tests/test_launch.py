@@ -82,10 +82,33 @@ def test_aws_gpu_yaml_has_gpu_workers_with_faiss_gpu_instead_of_faiss_cpu():
     assert any(t["resources"].get("GPU", 0) >= 1 and t["max_workers"] >= 1 for t in workers)
     setup = _setup(cfg)
     assert "dream_dist_dist/dream_dist-*.whl" in setup
-    assert "uninstall -y -q faiss-cpu" in setup and "install -q faiss-gpu" in setup
-    # faiss-gpu goes in after the uninstall (both provide the module `faiss`).
-    assert setup.index("uninstall -y -q faiss-cpu") < setup.index("install -q faiss-gpu")
-    assert "constraints.txt" not in setup  # it pins the CPU torch build
+    # The locked GPU stack: every dependency install goes through constraints-gpu.txt, and the
+    # dream_dist wheel goes in without its dependencies (faiss-cpu would shadow faiss-gpu-cu12).
+    assert "latest_dlami" not in setup and "ImageId" not in setup
+    installs = [c for c in setup.split("\n") if "pip install" in c]
+    assert installs, setup
+    for cmd in installs:
+        assert "-c ~/dd-constraints-gpu.txt" in cmd or "--no-deps" in cmd, cmd
+        assert "faiss-cpu" not in cmd and "constraints.txt " not in cmd, cmd
+    assert any("-r ~/dd-requirements-gpu.txt" in c for c in installs)
+    mounts = cfg["file_mounts"]
+    assert Path(mounts["~/dd-constraints-gpu.txt"]).name == "constraints-gpu.txt"
+    assert Path(mounts["~/dd-requirements-gpu.txt"]).name == "requirements-gpu.txt"
+    for name, t in types.items():
+        image = t["node_config"]["ImageId"]
+        assert image.startswith("resolve:ssm:/aws/service/") and "24.04" in image, (name, image)
+
+
+def test_aws_gpu_worker_check_refuses_a_node_without_cuda():
+    """The GPU worker's setup check, run here (no CUDA): it must fail, so ray up marks the node failed."""
+    cfg = _prepared("cluster-aws-gpu.yaml")
+    checks = [c for c in cfg["worker_setup_commands"] if "torch.cuda.is_available()" in c]
+    assert len(checks) == 1
+    code = checks[0].split('python -c "', 1)[1].rsplit('"', 1)[0]
+    pytest.importorskip("faiss")
+    out = _run(sys.executable, "-c", code, cwd=REPO)
+    assert out.returncode != 0
+    assert "GPU node check failed: torch.cuda.is_available()=False" in out.stderr
 
 
 def test_run_py_copied_alone_finds_the_package_configs(tmp_path):

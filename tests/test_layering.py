@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parent.parent / "dream_dist"
 # Lowest first. A module's layer is the first prefix of its dotted name found here.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("leaves", ("errors", "seeding", "environment", "published", "viz", "formation", "kmeans",
-                "models", "augment", "memory")),
+                "models", "augment", "memory", "devices", "determinism", "hostsync")),
     ("data", ("data", "encoders", "artifact", "training")),
     ("evaluation", ("evaluation", "config")),
     ("methods", ("methods",)),
