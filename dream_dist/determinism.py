@@ -90,7 +90,7 @@ NONDETERMINISTIC_CUDA_OPS: frozenset[str] = frozenset({
 })
 
 # Environment a process needs BEFORE it initialises CUDA for deterministic cuBLAS: give it to
-# Ray workers and tasks as runtime_env={"env_vars": ENV}.
+# Ray workers and tasks get it through distributed.runtime_env(), which ensure_ray passes to ray.init.
 ENV: dict[str, str] = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
 

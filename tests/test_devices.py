@@ -250,3 +250,35 @@ def packed_digits(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("packed")
     return ensure_packed(compose([f"pack.out={out}", "progress=false"]))
+
+
+def test_ray_workers_get_the_cublas_setting_before_cuda_starts(tmp_path):
+    """ensure_ray gives every worker determinism.ENV (cuBLAS reads it at CUDA init, in the worker).
+
+    A fresh driver process (ensure_ray only starts Ray when none is up), without the variable:
+    a task and an actor both see the default; a value the driver exported wins.
+    """
+    pytest.importorskip("ray")
+    import subprocess
+    import sys
+
+    code = (
+        "import os, ray\n"
+        "from dream_dist.distributed import ensure_ray\n"
+        "ensure_ray()\n"
+        "probe = ray.remote(num_cpus=0)(lambda: os.environ.get('CUBLAS_WORKSPACE_CONFIG'))\n"
+        "@ray.remote(num_cpus=0)\n"
+        "class A:\n"
+        "    def env(self):\n"
+        "        return os.environ.get('CUBLAS_WORKSPACE_CONFIG')\n"
+        "print('ENV', ray.get(probe.remote()), ray.get(A.remote().env.remote()))\n"
+        "ray.shutdown()\n")
+    base = {k: v for k, v in os.environ.items() if k not in ("CUBLAS_WORKSPACE_CONFIG", "RAY_ADDRESS")}
+    base.update(RAY_ADDRESS="local", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    for exported, expected in ((None, ":4096:8"), (":16:8", ":16:8")):
+        env = dict(base, **({"CUBLAS_WORKSPACE_CONFIG": exported} if exported else {}))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                             cwd=tmp_path, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith("ENV "))
+        assert line.split() == ["ENV", expected, expected]

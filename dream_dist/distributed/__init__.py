@@ -10,6 +10,8 @@ Nothing here imports a concrete method: the pipeline hands the method object in.
 """
 from __future__ import annotations
 
+import os
+
 
 def ensure_ray() -> None:
     """Join the running Ray cluster, else start Ray on this machine; nothing when Ray is up.
@@ -22,4 +24,16 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+        ray.init(log_to_driver=False, runtime_env=runtime_env())
+
+
+def runtime_env() -> dict:
+    """The job's runtime_env: determinism.ENV in every worker's environment.
+
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG when a process first initialises CUDA, so a Ray
+    worker needs it in its environment from the start (determinism.configure inside the task
+    is too late once CUDA is up). A value the driver has exported wins over the default.
+    """
+    from dream_dist import determinism
+
+    return {"env_vars": {k: os.environ.get(k, v) for k, v in determinism.ENV.items()}}
