@@ -89,7 +89,7 @@ NONDETERMINISTIC_CUDA_OPS: frozenset[str] = frozenset({
     "aten.scatter_reduce_",
 })
 
-# Environment a process needs BEFORE it initialises CUDA for deterministic cuBLAS: give it to
+# Environment a process needs BEFORE it initialises CUDA for deterministic cuBLAS.
 # Ray workers and tasks get it through distributed.runtime_env(), which ensure_ray passes to ray.init.
 ENV: dict[str, str] = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
