@@ -29,9 +29,35 @@ class DataConfig:
     on_corrupt: str = "error"
     """A corrupt sample (an undecodable source image, or a bad sample in a packed shard): error
     (stop, naming it) or skip (leave it out; the count and keys are logged)."""
+    urls: str | list[str] | None = None
+    """dataset=webdataset: the train shards: a brace pattern (/d/train-{0000..1023}.tar), a list,
+    or a directory; local paths, s3://, https://, pipe: (dream_dist/data/ingest.py)."""
+    test_urls: str | list[str] | None = None
+    """dataset=webdataset: the test shards, as `urls`."""
+    image_key: str = "auto"
+    """dataset=webdataset: the image's extension; auto = the first of jpg, jpeg, png, webp."""
+    label_key: str = "cls"
+    """dataset=webdataset: where the label is: cls (or another extension holding an integer),
+    or json:<field> (an integer or a class name)."""
+    class_names: str | None = None
+    """dataset=webdataset: a file (or URL) of class names in label order, one per line (first
+    word); None = labels 0..K-1 named by their number."""
+    shard_cache_dir: str | None = None
+    """Packed shards on object storage (dataset.packed or pack.out = s3://...): local directory
+    of the fetched shards; None = $DREAM_DIST_SHARD_CACHE or ~/.cache/dream_dist/shards."""
+    shard_cache_mb: float = 4096.0
+    """Local disk the fetched shards may take (least recently used leave first)."""
 
     def __post_init__(self) -> None:
         from dream_dist.data import SOURCES, _register_builtin
+
+        if self.shard_cache_mb <= 0:
+            raise ConfigError("dataset.shard_cache_mb must be > 0")
+        if self.name == "webdataset" and not self.packed:
+            for key in ("urls", "test_urls"):
+                if not getattr(self, key):
+                    raise ConfigError(f"dataset.{key}: dataset=webdataset needs dataset.{key}=<brace pattern, "
+                                      f"list or directory of .tar shards>")
 
         _register_builtin()
         if self.name not in SOURCES:

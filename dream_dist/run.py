@@ -113,6 +113,10 @@ def _task(cfg) -> dict | None:
 
     try:
         values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        from dream_dist.data import storage
+
+        if storage.is_url(values.get("out_dir") or ""):  # hydra.run.dir is its local staging dir
+            values["sync_to"] = values["out_dir"].rstrip("/")
         values["out_dir"] = HydraConfig.get().runtime.output_dir
         return run(build(RunConfig, values))
     except Exception as e:  # noqa: BLE001
@@ -124,6 +128,10 @@ def _task(cfg) -> dict | None:
 
 def _hydra_entry() -> None:
     import hydra
+
+    from dream_dist.tasks import register_resolvers
+
+    register_resolvers()
 
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()
 

@@ -50,6 +50,10 @@ class RunConfig:
     """Deterministic CUDA kernels (no TF32, cuDNN/cuBLAS determinism); ignored on CPU."""
     progress: bool = True
     """Show progress bars."""
+    sync_to: str | None = None
+    """Object storage (s3://...) the run directory is uploaded to when the task ends, and where
+    Ray Train checkpoints go directly. Set by itself from `out_dir=s3://...` (the run then
+    writes in a local staging directory); set it by hand to keep a local out_dir and a copy."""
     dataset: DataConfig = field(default_factory=DataConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     coreset: CoresetConfig = field(default_factory=CoresetConfig)
@@ -115,11 +119,14 @@ def run_pack(cfg) -> dict:
     from dream_dist.data.prepare import ensure_packed
     from dream_dist.pipeline import pack_mapper
 
+    from dream_dist.data import storage
+    from dream_dist.data.shards import index_path
+
     out = ensure_packed(cfg, pack_mapper(cfg))
-    info = {s: json.loads((out / f"index-{s}.json").read_text()) for s in ("train", "test")}
+    info = {s: json.loads(storage.read_text(str(index_path(out, s)))) for s in ("train", "test")}
     for s, idx in info.items():
         print(f"{s}: {sum(idx['counts'])} images, {idx['num_classes']} classes, "
-              f"{sum(len(v) for v in idx['shards'].values())} shards -> {out}/index-{s}.json")
+              f"{sum(len(v) for v in idx['shards'].values())} shards -> {index_path(out, s)}")
     return {"packed": str(out)}
 
 
@@ -176,11 +183,38 @@ def run(cfg) -> dict:
         torch.set_num_threads(cfg.threads)
     determinism.configure(cfg.device, cfg.deterministic)
     torch.manual_seed(cfg.seed)
+    cfg = remote_outputs(cfg)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = TASKS[cfg.task](cfg)
+    try:
+        result = TASKS[cfg.task](cfg)
+    finally:
+        if cfg.sync_to:  # what the run wrote, also when it failed part-way: nothing is lost
+            from dream_dist.data import storage
+
+            n = storage.upload_tree(cfg.out_dir, cfg.sync_to)
+            print(f"[{cfg.task}] {n} file(s) of {cfg.out_dir} uploaded to {cfg.sync_to}")
     print(f"[{cfg.task}] done in {time.perf_counter() - start:.0f} s")
     return result
+
+
+def remote_outputs(cfg):
+    """out_dir=s3://...: the run writes in a local staging directory, uploaded to that URL at
+    the end (sync_to); its bucket is checked now, before any work."""
+    import dataclasses
+
+    from dream_dist.data import storage
+
+    if storage.is_url(cfg.out_dir):
+        from dream_dist.data.prepare import staging_dir
+
+        url = cfg.out_dir.rstrip("/")
+        cfg = dataclasses.replace(cfg, out_dir=str(staging_dir(url) / "run"), sync_to=url)
+    if cfg.sync_to:
+        if not storage.is_url(cfg.sync_to):
+            raise ConfigError(f"sync_to: {cfg.sync_to!r} is not an object-storage URL (s3://bucket/prefix)")
+        storage.check_bucket(cfg.sync_to)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -204,6 +238,25 @@ def conf_dir() -> Path:
     return Path(str(importlib.resources.files("dream_dist.conf")))
 
 
+def local_dir(path: str) -> str:
+    """The `local_dir` resolver of conf/config.yaml (hydra.run.dir): a local path as it is, an
+    object-storage out_dir as the local staging directory the run writes in before the upload."""
+    from dream_dist.data import storage
+
+    if storage.is_url(path):
+        from dream_dist.data.prepare import staging_dir
+
+        return str(staging_dir(str(path).rstrip("/")) / "run")
+    return path
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("local_dir"):
+        OmegaConf.register_new_resolver("local_dir", local_dir)
+
+
 def compose(overrides: list[str] | None = None):
     """Compose conf/config.yaml with `overrides` into a validated RunConfig.
 
@@ -215,6 +268,7 @@ def compose(overrides: list[str] | None = None):
     from omegaconf import OmegaConf
 
     overrides = _argv_overrides(list(overrides or []))
+    register_resolvers()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     return build(RunConfig, OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))

@@ -51,13 +51,18 @@ def default_root(name: str) -> Path | None:
 
 def load_dataset(name: str, split: str = "train", root: str | Path | None = None, **options) -> ImageSet:
     """Load dataset `name` ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'cifar100',
-    'imagefolder', 'tinyimagenet', 'packed') for `split` ('train' or 'test'; TinyImageNet's
+    'imagefolder', 'tinyimagenet', 'packed', 'webdataset') for `split` ('train' or 'test'; TinyImageNet's
     'val' is its test split)."""
     _register_builtin()
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(SOURCES))}")
     if split not in ("train", "test", "val"):
         raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
+    import dream_dist.data.storage as storage
+
+    if root is not None and (storage.is_url(root) or name == "webdataset"):
+        # Object storage (packed shards on s3://...) or WebDataset shard URLs: no local directory.
+        return SOURCES[name](str(root), split, **options)
     path = Path(root) if root is not None else default_root(name)
     if path is not None and not path.exists():
         raise DataNotFoundError(
@@ -71,10 +76,10 @@ def _register_builtin() -> None:
     # The loaders do not register themselves: they never import this package back.
     if "digits" in SOURCES:
         return
-    from dream_dist.data import cifar, digits, folder, idx, shards, stream
+    from dream_dist.data import cifar, digits, folder, idx, ingest, shards, stream
 
     builtin = {"digits": digits.load_digits, "mnist": idx.load_mnist, "fashion_mnist": idx.load_fashion,
                "cifar10": cifar.load_cifar10, "cifar100": cifar.load_cifar100, "imagefolder": folder.load_imagefolder,
-               "tinyimagenet": folder.load_tinyimagenet, "packed": shards.load_packed, "imagenet": stream.load_imagenet}
+               "tinyimagenet": folder.load_tinyimagenet, "packed": shards.load_packed, "imagenet": stream.load_imagenet, "webdataset": ingest.load_webdataset}
     for name, fn in builtin.items():
         SOURCES.setdefault(name, fn)

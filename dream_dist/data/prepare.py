@@ -49,8 +49,17 @@ def ensure_packed(cfg, mapper=None) -> Path:
     from dream_dist.data.shards import checksum, index_path, pack
     from dream_dist.data.stream import FILE_SOURCES
 
+    import dream_dist.data.storage as storage
+
     if cfg.dataset.packed is not None:
+        if storage.is_url(cfg.dataset.packed):
+            storage.check_bucket(cfg.dataset.packed)
+            return cfg.dataset.packed
         return Path(cfg.dataset.packed)
+    if cfg.dataset.name == "webdataset":
+        return _ensure_ingested(cfg, mapper)  # writes to pack.out itself, local or object storage
+    if storage.is_url(cfg.pack.out):
+        return _pack_and_upload(cfg, mapper)
     if cfg.dataset.name in FILE_SOURCES:
         return _ensure_packed_files(cfg, mapper)
     out = Path(cfg.pack.out)
@@ -76,6 +85,82 @@ def ensure_packed(cfg, mapper=None) -> Path:
             tmp.write_text(json.dumps(index, indent=2))
             tmp.replace(p)  # atomic: a reader never sees half an index
     return out
+
+
+def staging_dir(url: str) -> Path:
+    """The local directory where shards bound for object storage URL `url` are packed first:
+    $DREAM_DIST_STAGING (default ~/.cache/dream_dist/staging)/<hash of the URL>. Kept, so a
+    rerun finds the pack up to date without reading the source again."""
+    import hashlib
+    import os
+
+    base = Path(os.environ.get("DREAM_DIST_STAGING", Path.home() / ".cache" / "dream_dist" / "staging"))
+    return base / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def _pack_and_upload(cfg, mapper=None) -> str:
+    """pack.out on object storage, for the sources that pack through local files: pack into
+    the staging directory (up to date there = nothing packed), then upload every shard that is
+    not already there with its size, and each split's index last: a reader of the URL sees the
+    old index or the new one, never an index whose shards are missing."""
+    import dataclasses
+
+    import dream_dist.data.storage as storage
+    from dream_dist.data.shards import index_path
+
+    url = cfg.pack.out.rstrip("/")
+    storage.check_bucket(url)
+    local = staging_dir(url)
+    ensure_packed(dataclasses.replace(cfg, pack=dataclasses.replace(cfg.pack, out=str(local))), mapper)
+    for split in ("train", "test"):
+        index = json.loads(index_path(local, split).read_text())
+        files = [e for entries in index["shards"].values() for e in entries]
+        for e in files:
+            dst = storage.join(url, e["file"])
+            if not (storage.exists(dst) and storage.size(dst) == e["bytes"]):
+                storage.put_file(local / e["file"], dst)
+        storage.put_file(index_path(local, split), str(index_path(url, split)))
+    return url
+
+
+def _ensure_ingested(cfg, mapper=None):
+    """dataset=webdataset: each split ingested into pack.out (dream_dist/data/ingest.py),
+    unless its index there records the same shards (URLs and sizes), settings and classes."""
+    import dream_dist.data.ingest as ingest
+    import dream_dist.data.storage as storage
+    from dream_dist.data.shards import index_path
+
+    d, p = cfg.dataset, cfg.pack
+    out = p.out.rstrip("/") if storage.is_url(p.out) else Path(p.out)
+    storage.check_bucket(str(out))
+    settings = ingest.settings_of(d.image_key, d.label_key, p.size, p.resize, p.jpeg_draft)
+    names = ingest.read_class_names(d.class_names) if d.class_names else None
+    mean_std, k = None, None
+    for split, spec in (("train", d.urls), ("test", d.test_urls)):
+        urls = ingest.expand_urls(spec)
+        if not urls:
+            raise ConfigError(f"dataset.{'urls' if split == 'train' else 'test_urls'}: no shards in {spec!r}")
+        idx = str(index_path(out, split))
+        index = json.loads(storage.read_text(idx)) if storage.exists(idx) else {}
+        fp = ingest.source_fingerprint(urls, {**settings, "on_corrupt": d.on_corrupt}, names)
+        if not (index.get("source_fingerprint") == fp and index.get("encoding") == p.encoding
+                and index.get("max_per_shard") == p.max_per_shard
+                and (mean_std is None or [index.get("mean"), index.get("std")] == list(mean_std))):
+            index = ingest.ingest(urls, str(out), split, settings, on_corrupt=d.on_corrupt, class_names=names,
+                                  encoding=p.encoding, max_per_shard=p.max_per_shard, mean_std=mean_std,
+                                  num_classes=k, mapper=mapper, progress=cfg.progress)
+        mean_std, k = (index["mean"], index["std"]), index["num_classes"]  # the test split: train's
+    return out
+
+
+def reader_for(cfg, root, split: str):
+    """PackedReader of `split` under `root` (a directory or an object-storage URL) with the
+    run's dataset settings (corrupt samples, the local shard cache)."""
+    from dream_dist.data.shards import PackedReader
+
+    d = cfg.dataset
+    return PackedReader(root, split, on_corrupt=d.on_corrupt, cache_dir=d.shard_cache_dir,
+                        cache_mb=d.shard_cache_mb)
 
 
 def _ensure_packed_files(cfg, mapper=None) -> Path:
@@ -107,11 +192,8 @@ def _ensure_packed_files(cfg, mapper=None) -> Path:
 
 def load_packed_splits(cfg):
     """(train, test, mean, std) read from the packed shards."""
-    from dream_dist.data.shards import PackedReader
-
     root = ensure_packed(cfg)
-    train_r = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
-    test_r = PackedReader(root, "test", on_corrupt=cfg.dataset.on_corrupt)
+    train_r, test_r = reader_for(cfg, root, "train"), reader_for(cfg, root, "test")
     train = train_r.load_classes(cfg.dataset.classes)
     test = test_r.load_classes(cfg.dataset.classes)
     mean, std = train_r.mean_std
@@ -137,8 +219,8 @@ def balance_classes(counts: list[int], k: int, classes: list[int] | None = None)
 class OpenedData:
     """A packed dataset opened for a run: what every method reads, nothing loaded wholesale."""
 
-    root: Path
-    """The packed directory (absolute)."""
+    root: Path | str
+    """The packed directory (absolute), or its object-storage URL."""
     reader: object
     """PackedReader of the train split."""
     test_reader: object
@@ -222,11 +304,12 @@ class OpenedData:
 def open_data(cfg, memory_budget_mb: float | None = None, mapper=None) -> OpenedData:
     """Pack (or reuse) cfg.dataset and open it; `memory_budget_mb` bounds the class cache
     (default distill.memory_budget_mb); `mapper`: as in ensure_packed."""
-    from dream_dist.data.shards import ClassCache, PackedReader
+    import dream_dist.data.storage as storage
+    from dream_dist.data.shards import ClassCache
 
-    root = ensure_packed(cfg, mapper).resolve()
-    reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
-    test_reader = PackedReader(root, "test", on_corrupt=cfg.dataset.on_corrupt)
+    root = ensure_packed(cfg, mapper)
+    root = root if storage.is_url(root) else Path(root).resolve()
+    reader, test_reader = reader_for(cfg, root, "train"), reader_for(cfg, root, "test")
     classes = list(cfg.dataset.classes or range(len(reader.classes)))
     budget = memory_budget_mb if memory_budget_mb is not None else cfg.distill.memory_budget_mb
     mean, std = reader.mean_std

@@ -44,8 +44,23 @@ class ShardError(DataError, RuntimeError):
     """A packed shard is missing, truncated, corrupt, or disagrees with its index."""
 
 
-def index_path(root: str | Path, split: str) -> Path:
+DEFAULT_CACHE_MB = 4096.0  # local disk for shards fetched from object storage, per reader
+
+
+def index_path(root: str | Path, split: str) -> Path | str:
+    """The index file of `split` under `root` (a URL stays a URL)."""
+    import dream_dist.data.storage as storage
+
+    if storage.is_url(root):
+        return storage.join(root, f"index-{split}.json")
     return Path(root) / f"index-{split}.json"
+
+
+def default_cache_dir(url: str) -> Path:
+    """Where shards fetched from `url` are kept: $DREAM_DIST_SHARD_CACHE (default
+    ~/.cache/dream_dist/shards)/<hash of the URL>. Readers of one packed URL on one node share it."""
+    base = Path(os.environ.get("DREAM_DIST_SHARD_CACHE", Path.home() / ".cache" / "dream_dist" / "shards"))
+    return base / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def checksum(data: ImageSet) -> str:
@@ -175,20 +190,30 @@ class PackedReader:
     check that a worker touched only its own classes' shards.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", on_corrupt: str = "error"):
+    def __init__(self, root: str | Path, split: str = "train", on_corrupt: str = "error",
+                 cache_dir: str | Path | None = None, cache_mb: float | None = None):
+        import dream_dist.data.storage as storage
+
         if on_corrupt not in ON_CORRUPT:
             raise ConfigError(f"dataset.on_corrupt: unknown {on_corrupt!r}; choose one of {', '.join(ON_CORRUPT)}")
-        self.root = Path(root)
+        # Object storage (s3://...): shards are fetched whole into a bounded local cache on first
+        # use and read there by offset (storage.ShardCache); the index is read once.
+        self.remote = storage.is_url(root)
+        self.root = str(root).rstrip("/") if self.remote else Path(root)
+        self.shard_cache = None
+        if self.remote:
+            self.shard_cache = storage.ShardCache(cache_dir or default_cache_dir(self.root),
+                                                  int((cache_mb if cache_mb is not None else DEFAULT_CACHE_MB) * 2**20))
         self.split = split
         self.on_corrupt = on_corrupt
         self.skipped: list[str] = []  # on_corrupt="skip": keys of the skipped samples, once each
         self.bytes_read = 0  # shard bytes read: whole shards by load_class, payloads by read_samples
         self._skip_keys: set[str] = set()
         path = index_path(self.root, split)
-        if not path.exists():
+        if not storage.exists(path):
             raise DataNotFoundError(f"no index {path}: run `dream-dist task=pack` first")
         try:
-            self.index = json.loads(path.read_text())
+            self.index = json.loads(storage.read_text(path))
         except json.JSONDecodeError as e:
             raise ShardError(f"{path}: index is not valid JSON ({e})") from e
         if self.index.get("format") != FORMAT:
@@ -239,8 +264,27 @@ class PackedReader:
     def mean_std(self) -> tuple[list[float], list[float]]:
         return self.index["mean"], self.index["std"]
 
-    def shard_files(self, classes: Iterable[int]) -> list[Path]:
-        return [self.root / e["file"] for c in classes for e in self._entries(c)]
+    def shard_files(self, classes: Iterable[int]) -> list[Path | str]:
+        """The shards of `classes` where they are stored (paths, or URLs on object storage)."""
+        return [self._where(e) for c in classes for e in self._entries(c)]
+
+    def _where(self, entry: dict) -> Path | str:
+        import dream_dist.data.storage as storage
+
+        return storage.join(self.root, entry["file"]) if self.remote else self.root / entry["file"]
+
+    def _local(self, entry: dict) -> Path:
+        """A local file holding the shard `entry`: itself, or its copy in the shard cache
+        (fetched now if absent; checked against the index's byte count)."""
+        if not self.remote:
+            return self.root / entry["file"]
+        return self.shard_cache.fetch(self._where(entry), entry["bytes"])
+
+    @property
+    def fetched(self) -> dict:
+        """What was downloaded from object storage: {"requests", "bytes"} (zeros when local)."""
+        c = self.shard_cache
+        return {"requests": c.requests if c else 0, "bytes": c.bytes_fetched if c else 0}
 
     def _entries(self, c: int) -> list[dict]:
         if not 0 <= int(c) < self.index["num_classes"]:
@@ -249,8 +293,16 @@ class PackedReader:
 
     def iter_class(self, c: int) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (key, uint8 (C, H, W)) for every sample of class `c`, shard by shard."""
+        from dream_dist.data.storage import StorageError
+
         for entry in self._entries(c):
-            yield from self._iter_shard(self.root / entry["file"], entry, int(c))
+            try:
+                path = self._local(entry)
+            except (StorageError, ShardError) as e:  # object storage: missing or short shard
+                self._corrupt(e if isinstance(e, ShardError) else ShardError(str(e)),
+                              f"{entry['file']}:<missing shard>")
+                continue
+            yield from self._iter_shard(path, entry, int(c))
 
     def _iter_shard(self, path: Path, entry: dict, c: int) -> Iterator[tuple[str, np.ndarray]]:
         import webdataset as wds
@@ -263,7 +315,7 @@ class PackedReader:
         if size != entry["bytes"]:
             self._corrupt(ShardError(f"shard {path} has {size} bytes but {self.index_file} says "
                                      f"{entry['bytes']}: truncated or replaced"), f"{path.name}:<size>")
-        self._note_opened(path)
+        self._note_opened(self._where(entry))
         enc, channels = self.index["encoding"], self.index["channels"]
         key, n = "<start of shard>", 0
         # An absolute path: webdataset treats "pipe:..." and "<scheme>://..." strings as commands/URLs.
@@ -322,19 +374,19 @@ class PackedReader:
                 k = int(np.searchsorted(starts, i, side="right") - 1)
                 entry = entries[k]
                 if k not in handles:
-                    path = self.root / entry["file"]
+                    path = self._local(entry)
                     if not path.exists() or path.stat().st_size != entry["bytes"]:
                         raise ShardError(f"shard {path} is missing or not the {entry['bytes']} bytes "
                                          f"{self.index_file} says: truncated or replaced")
                     handles[k] = open(path, "rb")  # noqa: SIM115 - closed below
-                    self._note_opened(path)
+                    self._note_opened(self._where(entry))
                 off, size = entry["offsets"][i - starts[k]]
                 f = handles[k]
                 f.seek(off)
                 try:
                     out[j] = _decode(f.read(size), self.index["encoding"], ch)
                 except Exception as e:
-                    raise ShardError(f"shard {self.root / entry['file']}: sample {i} of class {c} "
+                    raise ShardError(f"shard {self._where(entry)}: sample {i} of class {c} "
                                      f"cannot be decoded ({e})") from e
                 self.bytes_read += size
         finally:

@@ -145,6 +145,30 @@ def pack_class(files: list[Path], c: int, out: str | Path, split: str, size: int
     """Pack one class: decode `max_per_shard` files at a time, write its shards. Returns its
     index entry with float64 pixel sums (for the mean/std) and the skipped files.
     The same function runs in process and as a Ray task, so both write the same bytes."""
+    skipped: list[str] = []
+
+    def chunks():
+        for start in range(0, len(files), max_per_shard):
+            chunk = []
+            for p in files[start: start + max_per_shard]:
+                try:
+                    chunk.append((str(p), decode_image(p, mode, size, resize, jpeg_draft)))
+                except DataError:
+                    if on_corrupt == "error":
+                        raise
+                    skipped.append(str(p))
+            yield chunk
+
+    entry = write_class(chunks(), c, out, split, encoding)
+    return {**entry, "skipped": skipped}
+
+
+def write_class(chunks, c: int, out: str | Path, split: str, encoding: str) -> dict:
+    """Write class `c`'s shards `<split>-c<c>-<k>.tar` into local directory `out`, one per
+    chunk of `chunks` (an iterable of lists of (name, uint8 (C, H, W))), and return its index
+    entry: shards with counts, bytes and offsets, the shape, and float64 pixel sums. Every
+    pack path (folders, WebDataset ingest) writes through here, so equal pixels in equal order
+    give equal bytes. A chunk left empty (all skipped) writes no shard."""
     import webdataset as wds
 
     from dream_dist.data.shards import _encode, member_offsets
@@ -152,27 +176,18 @@ def pack_class(files: list[Path], c: int, out: str | Path, split: str, size: int
     out = Path(out)
     for old in out.glob(f"{split}-c{c:05d}-*.tar"):  # a repacked class may need fewer shards than before
         old.unlink()
-    entries, skipped, n = [], [], 0
-    shape = None
-    total = sq = None
-    for k, start in enumerate(range(0, max(len(files), 1), max_per_shard)):
-        chunk = []
-        for p in files[start: start + max_per_shard]:
-            try:
-                img = decode_image(p, mode, size, resize, jpeg_draft)
-            except DataError:
-                if on_corrupt == "error":
-                    raise
-                skipped.append(str(p))
-                continue
+    entries, n, k = [], 0, 0
+    shape = total = sq = None
+    for chunk in chunks:
+        for name, img in chunk:
             if shape is None:
                 shape = img.shape
             elif img.shape != shape:
-                raise DataError(f"{p}: {tuple(img.shape)} differs from {tuple(shape)}; pass pack.size=N to resize")
-            chunk.append(img)
+                raise DataError(f"{name}: {tuple(img.shape)} differs from {tuple(shape)}; pass pack.size=N to resize")
         if not chunk:
+            k += 1
             continue
-        arr = np.stack(chunk).astype(np.float64)
+        arr = np.stack([img for _, img in chunk]).astype(np.float64)
         s = arr.sum(axis=(0, 2, 3)) / 255
         q = np.square(arr / 255).sum(axis=(0, 2, 3))
         total, sq = (s, q) if total is None else (total + s, sq + q)
@@ -180,16 +195,45 @@ def pack_class(files: list[Path], c: int, out: str | Path, split: str, size: int
         tmp = out / (name + ".tmp")
         # mtime fixed: the tar bytes depend on the pixels only, not on when or where they were written.
         with wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as sink:
-            for i, img in enumerate(chunk):
+            for i, (_, img) in enumerate(chunk):
                 sink.write({"__key__": f"c{c:05d}_{n + i:08d}", encoding: _encode(img, encoding),
                             "cls": str(c).encode()})
         os.replace(tmp, out / name)  # never a half-written shard under its name
         entries.append({"file": name, "count": len(chunk), "bytes": (out / name).stat().st_size,
                         "offsets": member_offsets(out / name, encoding)})
         n += len(chunk)
+        k += 1
     return {"shards": entries, "count": n, "shape": list(shape) if shape else None,
-            "sum": None if total is None else total.tolist(), "sumsq": None if sq is None else sq.tolist(),
-            "skipped": skipped}
+            "sum": None if total is None else total.tolist(), "sumsq": None if sq is None else sq.tolist()}
+
+
+def index_fields(name: str, split: str, classes: list[str], entries: list[dict], encoding: str,
+                 mean_std: tuple[list[float], list[float]] | None) -> dict:
+    """The index fields every streamed pack writes, from its per-class entries (`write_class`'s,
+    plus "skipped"), in class order: one square shape, counts, shards, the skipped samples,
+    and the mean/std (this split's own from the float64 pixel sums when mean_std is None)."""
+    shapes = {tuple(e["shape"]) for e in entries if e["shape"]}
+    if len(shapes) != 1:
+        raise DataError(f"{name}/{split}: classes decode to different shapes {sorted(shapes)[:3]}; "
+                        f"pass pack.size=N to resize")
+    channels, h, w = shapes.pop()
+    if h != w:
+        raise DataError(f"{name}/{split}: images are {h}x{w}, not square; pass pack.size=N")
+    skipped = [s for e in entries for s in e["skipped"]]
+    if skipped:
+        log.warning("skipped %d corrupt image(s) (dataset.on_corrupt=skip): %s", len(skipped),
+                    ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
+    if mean_std is None:
+        n = sum(e["count"] for e in entries) * h * w
+        s = sum((np.array(e["sum"]) for e in entries if e["sum"]), np.zeros(channels))
+        q = sum((np.array(e["sumsq"]) for e in entries if e["sumsq"]), np.zeros(channels))
+        mean = s / n
+        mean_std = (mean.tolist(), np.sqrt(np.maximum(q / n - mean ** 2, 0)).tolist())
+    return {"format": FORMAT, "version": VERSION, "source": name, "split": split,
+            "classes": list(classes), "num_classes": len(classes),
+            "counts": [e["count"] for e in entries], "image_size": h, "channels": channels,
+            "encoding": encoding, "mean": list(mean_std[0]), "std": list(mean_std[1]),
+            "shards": {str(c): e["shards"] for c, e in enumerate(entries)}, "skipped": skipped}
 
 
 def resize_record(size: int | None, resize: str, jpeg_draft: bool) -> dict:
@@ -302,32 +346,10 @@ def pack_files(source: FileSource, out: str | Path, split: str, size: int | None
         bar.close()
 
     entries = [done[str(c)] for c in range(len(source.classes))]
-    shapes = {tuple(e["shape"]) for e in entries if e["shape"]}
-    if len(shapes) != 1:
-        raise DataError(f"{source.name}/{split}: classes decode to different shapes {sorted(shapes)[:3]}; "
-                        f"pass pack.size=N to resize")
-    channels, h, w = shapes.pop()
-    if h != w:
-        raise DataError(f"{source.name}/{split}: images are {h}x{w}, not square; pass pack.size=N")
-    skipped = [s for e in entries for s in e["skipped"]]
-    if skipped:
-        log.warning("skipped %d corrupt image(s) (dataset.on_corrupt=skip): %s", len(skipped),
-                    ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
-    if mean_std is None:
-        n = sum(e["count"] for e in entries) * h * w
-        s = sum((np.array(e["sum"]) for e in entries if e["sum"]), np.zeros(channels))
-        q = sum((np.array(e["sumsq"]) for e in entries if e["sumsq"]), np.zeros(channels))
-        mean = s / n
-        mean_std = (mean.tolist(), np.sqrt(np.maximum(q / n - mean ** 2, 0)).tolist())
     index = {
-        "format": FORMAT, "version": VERSION, "source": source.name, "split": split,
+        **index_fields(source.name, split, source.classes, entries, encoding, mean_std),
         "source_fingerprint": source.fingerprint(fps),
         "resize": resize_record(size, resize, jpeg_draft),
-        "classes": list(source.classes), "num_classes": len(source.classes),
-        "counts": [e["count"] for e in entries], "image_size": h, "channels": channels,
-        "encoding": encoding, "mean": list(mean_std[0]), "std": list(mean_std[1]),
-        "shards": {str(c): e["shards"] for c, e in enumerate(entries)},
-        "skipped": skipped,
         # What a later run needs to repack only changed classes (see "Incremental" above).
         "settings": settings,
         "packed": {str(c): {k: v for k, v in done[str(c)].items() if k != "shards"} for c in range(len(source.classes))},

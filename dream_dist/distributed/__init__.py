@@ -36,4 +36,8 @@ def runtime_env() -> dict:
     """
     from dream_dist import determinism
 
-    return {"env_vars": {k: os.environ.get(k, v) for k, v in determinism.ENV.items()}}
+    env = {k: os.environ.get(k, v) for k, v in determinism.ENV.items()}
+    # Where object storage is and where its shards are cached (never credentials: nodes have their own).
+    env.update({k: os.environ[k] for k in ("DREAM_DIST_S3_ENDPOINT", "AWS_ENDPOINT_URL", "DREAM_DIST_SHARD_CACHE")
+                if os.environ.get(k)})
+    return {"env_vars": env}

@@ -23,7 +23,7 @@ def _group_task(method, cfg, prep, root: str, classes: list[int], threads: int) 
     import torch
 
     from dream_dist import determinism
-    from dream_dist.data.shards import PackedReader
+    from dream_dist.data.prepare import reader_for
     from dream_dist.devices import describe, task_device
 
     torch.set_num_threads(threads)
@@ -32,7 +32,7 @@ def _group_task(method, cfg, prep, root: str, classes: list[int], threads: int) 
     if device != cfg.device:
         cfg = dataclasses.replace(cfg, device=device)
     prep = method.prep_to(prep, device)
-    reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
+    reader = reader_for(cfg, root, "train")
     return method.distill_group(cfg, prep, classes, reader.load_class, False), describe(device)
 
 

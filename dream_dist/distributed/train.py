@@ -81,8 +81,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from dream_dist.data.prepare import balance_classes
-    from dream_dist.data.shards import ClassCache, PackedReader
+    from dream_dist.data.prepare import balance_classes, reader_for
+    from dream_dist.data.shards import ClassCache
 
     cfg, method, prep, root = config["cfg"], config["method"], config["prep"], config["packed"]
     ctx = ray.train.get_context()
@@ -101,7 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     determinism.configure(device, cfg.deterministic)
 
-    reader = PackedReader(root, "train", on_corrupt=cfg.dataset.on_corrupt)
+    reader = reader_for(cfg, root, "train")  # a URL: this worker fetches its own classes' shards only
     counts_all = reader.index["counts"]
     classes = cfg.dataset.classes or list(range(len(counts_all)))
     mine = balance_classes(counts_all, world, classes)[rank]
@@ -159,6 +159,13 @@ def train_loop_per_worker(config: dict) -> None:
         writer.close()
 
 
+def packed_root(root) -> str:
+    """What workers open: an object-storage URL as it is, a directory as an absolute path."""
+    from dream_dist.data import storage
+
+    return str(root) if storage.is_url(root) else str(Path(root).resolve())
+
+
 def distill_on_ray(cfg, method, num_workers: int, max_failures: int = 0, storage: str | Path | None = None,
                    after_report=None, log_dir: str | Path | None = None, packed: str | Path | None = None,
                    prep=None, data=None, merge: bool = True):
@@ -187,27 +194,38 @@ def distill_on_ray(cfg, method, num_workers: int, max_failures: int = 0, storage
     if prep is None:
         prep = method.prepare(cfg, data, Path(cfg.out_dir))
     ensure_ray()
-    storage = Path(storage or Path(cfg.out_dir) / "ray").resolve()
-    earlier = storage / RUN_NAME
-    if earlier.exists() and not cfg.distill.resume:
-        # Ray Train restores from any earlier run under the same storage and name. As in process,
-        # a run without distill.resume starts fresh and replaces that state (its sets are files
-        # of their own); with distill.resume=true it continues, refused if it does not match.
-        print(f"distill.resume=false: a fresh run; replacing the earlier Ray run state in {earlier}")
-        shutil.rmtree(earlier)
+    storage_fs = None
+    if cfg.sync_to:  # out_dir on object storage: checkpoints go there directly, seen by every node
+        from dream_dist.data import storage as store
+
+        url = store.join(cfg.sync_to, "ray")
+        storage_fs, storage = store.pyarrow_filesystem(url)
+        fs, path = store.filesystem(url)
+        if fs.exists(f"{path}/{RUN_NAME}") and not cfg.distill.resume:
+            print(f"distill.resume=false: a fresh run; replacing the earlier Ray run state in {url}/{RUN_NAME}")
+            fs.rm(f"{path}/{RUN_NAME}", recursive=True)
+    else:
+        storage = Path(storage or Path(cfg.out_dir) / "ray").resolve()
+        earlier = storage / RUN_NAME
+        if earlier.exists() and not cfg.distill.resume:
+            # Ray Train restores from any earlier run under the same storage and name. As in process,
+            # a run without distill.resume starts fresh and replaces that state (its sets are files
+            # of their own); with distill.resume=true it continues, refused if it does not match.
+            print(f"distill.resume=false: a fresh run; replacing the earlier Ray run state in {earlier}")
+            shutil.rmtree(earlier)
     use_gpu = cfg.device.startswith("cuda")
     budget = method.memory_budget_mb(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "method": method, "prep": method.remote_prep(cfg, prep),
-                           "packed": str(Path(data.root).resolve()), "after_report": after_report,
+                           "packed": packed_root(data.root), "after_report": after_report,
                            "budget_mb": budget if budget is not None else cfg.distill.memory_budget_mb,
                            "log_dir": str(Path(log_dir).resolve()) if log_dir else None,
                            "threads_per_worker": cfg.threads or 1},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      # A worker runs cfg.threads torch threads: reserve them.
                                      resources_per_worker={"CPU": cfg.threads or 1}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage), storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()
