@@ -42,15 +42,27 @@ class DataConfig:
     class_names: str | None = None
     """dataset=webdataset: a file (or URL) of class names in label order, one per line (first
     word); None = labels 0..K-1 named by their number."""
+    like: str | None = None
+    """Resolve the per-dataset hyperparameters and evaluation protocol (docs/fidelity.md) as for
+    this built-in dataset, e.g. dataset=webdataset dataset.like=tinyimagenet; None = `name`'s."""
     shard_cache_dir: str | None = None
     """Packed shards on object storage (dataset.packed or pack.out = s3://...): local directory
     of the fetched shards; None = $DREAM_DIST_SHARD_CACHE or ~/.cache/dream_dist/shards."""
     shard_cache_mb: float = 4096.0
     """Local disk the fetched shards may take (least recently used leave first)."""
 
+    @property
+    def kind(self) -> str:
+        """The dataset the hyperparameters and the protocol are resolved for (`like`, else `name`)."""
+        return self.like or self.name
+
     def __post_init__(self) -> None:
         from dream_dist.data import SOURCES, _register_builtin
 
+        if self.like is not None and self.like not in SOURCES:
+            _register_builtin()
+            if self.like not in SOURCES:
+                raise ConfigError(f"dataset.like: unknown dataset {self.like!r}; known: {', '.join(sorted(SOURCES))}")
         if self.shard_cache_mb <= 0:
             raise ConfigError("dataset.shard_cache_mb must be > 0")
         if self.name == "webdataset" and not self.packed:

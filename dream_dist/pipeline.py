@@ -39,7 +39,7 @@ def print_table(rows: list[dict], title: str, timing: str = "") -> None:
 def is_subset(cfg, data) -> str:
     """A marker for the title when the data is a subset of the dataset the published numbers
     belong to (the 100-per-class TinyImageNet subset): no published figure is shown then."""
-    if cfg.dataset.name == "tinyimagenet" and min(data.counts_all[c] for c in data.classes) < 500:
+    if cfg.dataset.kind == "tinyimagenet" and min(data.counts_all[c] for c in data.classes) < 500:
         return " [subset: fewer than TinyImageNet's 500 images per class; published numbers not comparable]"
     return ""
 
@@ -112,7 +112,7 @@ def run_method(cfg, method) -> dict:
     results = run_jobs([evaluator.job(s, log_dir=out) for s in evaluated], executor, out, cfg.progress)
     subset = is_subset(cfg, data)
     rows = [{"method": s.label, "ipc": s.ipc, **results[s.name].to_dict(),
-             "published": published(cfg.dataset.name, s.published, s.ipc) if s.published and not subset else None}
+             "published": published(cfg.dataset.kind, s.published, s.ipc) if s.published and not subset else None}
             for s in evaluated]
     where = f"{workers} Ray workers" if workers else "in-process"
     print_table(rows, f"{method.title(cfg, prep, data, metrics)}{subset} ({where}); {evaluator.title()}",
@@ -205,7 +205,7 @@ def evaluate_set(cfg) -> dict:
             ecfg, described = cfg.eval, "eval"
         protocols = {m: HardLabelProtocol(ecfg if m == ecfg.model else dataclasses.replace(ecfg, model=m, width=None,
                                                                                             norm=None),
-                                          data.test(), data.mean, data.std, cfg.dataset.name) for m in e.models}
+                                          data.test(), data.mean, data.std, cfg.dataset.kind) for m in e.models}
     names = {m: f"{s.name}_{m}" for m in e.models}
     jobs = [protocols[m].job(s, name=names[m], log_dir=out) for m in e.models]
     executor = eval_executor(cfg, e.workers, getattr(next(iter(protocols.values())).cfg, "device", "cpu"))

@@ -89,3 +89,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server on 127.0.0.1 (moto's server mode) for the whole session,
+    with dummy credentials and DREAM_DIST_S3_ENDPOINT pointing at it. Yields a function that
+    creates a fresh bucket and returns its s3:// URL. Ray workers started afterwards inherit
+    the environment."""
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    import itertools
+
+    import boto3
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in [*env, "DREAM_DIST_S3_ENDPOINT"]}
+    os.environ.update(env)
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ["DREAM_DIST_S3_ENDPOINT"] = endpoint
+    client = boto3.client("s3", endpoint_url=endpoint)
+    counter = itertools.count()
+
+    def bucket(name: str = "dd") -> str:
+        b = f"{name}-{next(counter)}"
+        client.create_bucket(Bucket=b)
+        return f"s3://{b}"
+
+    bucket.endpoint = endpoint
+    bucket.client = client
+    yield bucket
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

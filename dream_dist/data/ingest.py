@@ -126,13 +126,12 @@ def iter_samples(url: str):
                 if not dot or base.startswith("."):
                     continue
                 k = f"{d}/{stem}" if d else stem
-                data = tar.extractfile(m).read()
-                if k != key:
+                if k != key:  # the sample before is whole: out before this member is read
                     if key is not None:
                         yield key, parts
                         last = key
                     key, parts = k, {}
-                parts[ext.lower()] = data
+                parts[ext.lower()] = tar.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise DataError(f"{url}: truncated or corrupt tar after sample {last} ({type(e).__name__}: {e})") from e
     finally:

@@ -187,14 +187,20 @@ def write_class(chunks, c: int, out: str | Path, split: str, encoding: str) -> d
         if not chunk:
             k += 1
             continue
-        arr = np.stack([img for _, img in chunk]).astype(np.float64)
+        # Filled into a C-ordered array: numpy's sums round by memory order, and a decoded image
+        # may be a transposed view (PIL's HWC) or contiguous (a WebDataset run's record).
+        arr = np.empty((len(chunk), *shape), dtype=np.float64)
+        for i, (_, img) in enumerate(chunk):
+            arr[i] = img
         s = arr.sum(axis=(0, 2, 3)) / 255
         q = np.square(arr / 255).sum(axis=(0, 2, 3))
         total, sq = (s, q) if total is None else (total + s, sq + q)
         name = f"{split}-c{c:05d}-{k:05d}.tar"
         tmp = out / (name + ".tmp")
         # mtime fixed: the tar bytes depend on the pixels only, not on when or where they were written.
-        with wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as sink:
+        # An int: a float mtime makes tarfile add a 1 KiB PAX header to every member, which more
+        # than doubled the shard bytes of small PNGs (what a reader fetches from object storage).
+        with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:
             for i, (_, img) in enumerate(chunk):
                 sink.write({"__key__": f"c{c:05d}_{n + i:08d}", encoding: _encode(img, encoding),
                             "cls": str(c).encode()})

@@ -145,6 +145,8 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report({"step": d.global_step, "loss": last.get("loss/total", 0.0),
                               "classes": len(mine), "opened_shards": len(reader.opened),
                               "bytes_read": cache.bytes_read, "min_bytes": cache.min_bytes,
+                              # object storage: what this rank's shard cache downloaded
+                              "fetched_bytes": reader.fetched["bytes"], "fetch_requests": reader.fetched["requests"],
                               "resumed_from": resumed_from, "distill_seconds": d.timing["distill"],
                               "startup_seconds": d.timing["startup"],
                               # ru_maxrss is in KiB on Linux: the worker process's peak memory.
@@ -260,6 +262,8 @@ def run_sharded(cfg, method, prep, data, out: Path, workers: int):
                "steps": result.metrics["step"], "peak_rss_mb_rank0": result.metrics.get("peak_rss_mb"),
                "bytes_read_rank0": result.metrics.get("bytes_read"),
                "min_bytes_rank0": result.metrics.get("min_bytes"),
+               "fetched_bytes_rank0": result.metrics.get("fetched_bytes"),
+               "fetch_requests_rank0": result.metrics.get("fetch_requests"),
                # rank 0's own time in the steps (distill_seconds above includes Ray's start-up)
                "steps_seconds_rank0": result.metrics.get("distill_seconds"),
                # every rank's host, device and GPU (dream_dist.devices.describe), by rank

@@ -311,7 +311,7 @@ def distill_trial(config: dict, base, method, tcfg: TuneConfig, out: str, total:
 
     def report(step: int, images: torch.Tensor, labels: torch.Tensor, factor: int, ipc: int) -> None:
         acc = quick_eval(cfg.eval, cfg.distill.quick_eval_epochs, data.test(), data.mean, data.std, images, labels,
-                         factor, cfg.dataset.name)
+                         factor, cfg.dataset.kind)
         tb.scalars(step, {TB_METRIC: acc})
         tb.grid(step, images)
         if step >= total:

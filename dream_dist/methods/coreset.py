@@ -252,7 +252,7 @@ class CoresetMethod(Method):
     def evaluator(self, cfg, prep, data):
         from dream_dist.evaluation.protocol import HardLabelProtocol
 
-        return HardLabelProtocol(cfg.eval, data.test(), data.mean, data.std, cfg.dataset.name)
+        return HardLabelProtocol(cfg.eval, data.test(), data.mean, data.std, cfg.dataset.kind)
 
     def title(self, cfg, prep, data, metrics: dict) -> str:
         return f"{cfg.dataset.name}: coresets"

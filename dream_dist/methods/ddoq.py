@@ -425,7 +425,7 @@ class DDOQMethod(Method):
     def evaluator(self, cfg, prep, data):
         from dream_dist.evaluation.protocol import HardLabelProtocol
 
-        return HardLabelProtocol(cfg.eval, data.test(), data.mean, data.std, cfg.dataset.name)
+        return HardLabelProtocol(cfg.eval, data.test(), data.mean, data.std, cfg.dataset.kind)
 
     def baseline(self, cfg, prep: DDOQPrep, data) -> SynthSet | None:
         if not cfg.ddoq.baseline:

@@ -33,7 +33,7 @@ from dream_dist.methods.dream.shard import ClassShard
 def resolve(cfg, image_size: int | None = None) -> DistillConfig:
     """The run's DistillConfig with the dataset's defaults filled in (image_size: the packed
     images' side, for IDC's lr scaling; None = the dataset's known size)."""
-    return preset(cfg.distill.method, **dict(cfg.distill.overrides)).resolved(cfg.dataset.name, image_size)
+    return preset(cfg.distill.method, **dict(cfg.distill.overrides)).resolved(cfg.dataset.kind, image_size)
 
 
 @dataclass
@@ -95,7 +95,7 @@ def make_distiller(cfg, p: Prepared, out: Path | None, log: Callable[[int, dict]
 
 def _quick(cfg, p: Prepared, images: torch.Tensor, labels: torch.Tensor) -> float:
     return quick_eval(cfg.eval, cfg.distill.quick_eval_epochs, p.test, p.mean, p.std, images, labels,
-                      p.dcfg.factor, cfg.dataset.name)
+                      p.dcfg.factor, cfg.dataset.kind)
 
 
 class DreamMethod(Method):
@@ -142,7 +142,9 @@ class DreamMethod(Method):
             tb.close()
         metrics = {"distill_seconds": d.timing["distill"], "startup_seconds": d.timing["startup"],
                    "steps": d.global_step, "bytes_read": getattr(p.cache, "bytes_read", None),
-                   "min_bytes": getattr(p.cache, "min_bytes", None)}
+                   "min_bytes": getattr(p.cache, "min_bytes", None),
+                   "fetched_bytes": p.cache.reader.fetched["bytes"] if hasattr(p.cache, "reader") else None,
+                   "fetch_requests": p.cache.reader.fetched["requests"] if hasattr(p.cache, "reader") else None}
         return [self._set(cfg, p, images, labels)], metrics
 
     def stepper(self, cfg, p: Prepared, classes: list[int], cache, counts_all: list[int], device: str,
@@ -172,7 +174,7 @@ class DreamMethod(Method):
     def evaluator(self, cfg, p: Prepared, data):
         from dream_dist.evaluation.protocol import HardLabelProtocol
 
-        return HardLabelProtocol(cfg.eval, p.test, p.mean, p.std, cfg.dataset.name)
+        return HardLabelProtocol(cfg.eval, p.test, p.mean, p.std, cfg.dataset.kind)
 
     def baseline(self, cfg, p: Prepared, data) -> SynthSet | None:
         """A random real coreset of the same IPC. Its picks come from the index counts; only those
@@ -199,4 +201,4 @@ class DreamMethod(Method):
     def check_overrides(self, cfg, overrides: dict, counts: list[int]) -> None:
         """Raise ValueError when distill.overrides=`overrides` makes an invalid run on these class
         counts (Tune checks every combination of its choices before any trial starts)."""
-        preset(cfg.distill.method, **dict(overrides)).resolved(cfg.dataset.name).check_data(counts)
+        preset(cfg.distill.method, **dict(overrides)).resolved(cfg.dataset.kind).check_data(counts)
