@@ -160,7 +160,7 @@ def test_the_tinyimagenet_subset_gets_no_published_figure():
     def data(n, k):
         return SimpleNamespace(counts_all=[n] * k, classes=list(range(k)))
 
-    tiny = SimpleNamespace(dataset=SimpleNamespace(name="tinyimagenet"))
+    tiny = SimpleNamespace(dataset=SimpleNamespace(name="tinyimagenet", kind="tinyimagenet"))
     assert "subset" in is_subset(tiny, data(100, 200))
     assert is_subset(tiny, data(500, 200)) == ""
-    assert is_subset(SimpleNamespace(dataset=SimpleNamespace(name="mnist")), data(100, 10)) == ""
+    assert is_subset(SimpleNamespace(dataset=SimpleNamespace(name="mnist", kind="mnist")), data(100, 10)) == ""
