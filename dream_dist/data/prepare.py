@@ -91,11 +91,9 @@ def staging_dir(url: str) -> Path:
     """The local directory where shards bound for object storage URL `url` are packed first:
     $DREAM_DIST_STAGING (default ~/.cache/dream_dist/staging)/<hash of the URL>. Kept, so a
     rerun finds the pack up to date without reading the source again."""
-    import hashlib
-    import os
+    import dream_dist.data.storage as storage
 
-    base = Path(os.environ.get("DREAM_DIST_STAGING", Path.home() / ".cache" / "dream_dist" / "staging"))
-    return base / hashlib.sha256(url.encode()).hexdigest()[:16]
+    return storage.local_dir("staging", "DREAM_DIST_STAGING", url)
 
 
 def _pack_and_upload(cfg, mapper=None) -> str:

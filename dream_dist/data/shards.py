@@ -59,8 +59,9 @@ def index_path(root: str | Path, split: str) -> Path | str:
 def default_cache_dir(url: str) -> Path:
     """Where shards fetched from `url` are kept: $DREAM_DIST_SHARD_CACHE (default
     ~/.cache/dream_dist/shards)/<hash of the URL>. Readers of one packed URL on one node share it."""
-    base = Path(os.environ.get("DREAM_DIST_SHARD_CACHE", Path.home() / ".cache" / "dream_dist" / "shards"))
-    return base / hashlib.sha256(url.encode()).hexdigest()[:16]
+    import dream_dist.data.storage as storage
+
+    return storage.local_dir("shards", "DREAM_DIST_SHARD_CACHE", url)
 
 
 def checksum(data: ImageSet) -> str:

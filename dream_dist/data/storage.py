@@ -54,6 +54,15 @@ def join(base: str | os.PathLike, *names: str) -> str:
     return str(local(base).joinpath(*names))
 
 
+def local_dir(kind: str, env: str, url: str) -> Path:
+    """A local directory kept for object-storage URL `url`: $<env> (default
+    ~/.cache/dream_dist/<kind>)/<hash of the URL> (the shard cache, the staging of uploads)."""
+    import hashlib
+
+    base = Path(os.environ.get(env, Path.home() / ".cache" / "dream_dist" / kind))
+    return base / hashlib.sha256(str(url).encode()).hexdigest()[:16]
+
+
 def endpoint() -> str | None:
     return next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
 
